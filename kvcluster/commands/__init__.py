@@ -1,0 +1,1 @@
+"""One module per ``kvcluster`` subcommand (see ``kvcluster.cli``)."""

@@ -1,0 +1,1 @@
+"""Block-hash chains, the global prefix registry and the longest-prefix router."""

@@ -1,0 +1,1 @@
+"""Storage media for fixed-size KV pages: device, pinned-host and NVMe tiers and the tiered store."""
