@@ -1,0 +1,66 @@
+"""K/V tensors on the wire between the client and node actors.
+
+Ray moves numpy arrays through its object store without pickling their bytes (and a same-node
+``ray.get`` is zero-copy), but bf16 and fp8 tensors have no numpy form. A :class:`KVPayload`
+carries the raw bytes as a ``uint8`` array with the dtype name and shape beside them, so any
+KV dtype crosses a process boundary as one contiguous buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvcluster.errors import InvalidKV
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True, slots=True)
+class KVPayload:
+    """K/V bytes: ``data`` is ``uint8`` of ``prod(shape) * itemsize`` bytes, C-contiguous."""
+
+    data: np.ndarray
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> KVPayload:
+        if dtype_name(tensor.dtype) not in _DTYPES:
+            raise InvalidKV(f"K/V dtype {tensor.dtype} is not supported; use one of {sorted(_DTYPES)}")
+        flat = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1)
+        return cls(data=flat.numpy(), dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape))
+
+    def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor these bytes hold. Shares memory with ``data`` on CPU (no copy)."""
+        if self.dtype not in _DTYPES:
+            raise InvalidKV(f"payload dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[self.dtype]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        expected = int(np.prod(self.shape, dtype=np.int64)) * itemsize
+        if self.data.dtype != np.uint8 or self.data.size != expected:
+            raise InvalidKV(
+                f"payload holds {self.data.size} bytes of {self.data.dtype}; shape {self.shape} "
+                f"of {self.dtype} needs {expected} bytes of uint8"
+            )
+        # Arrays that came through Ray's object store are read-only; torch wants writable memory.
+        data = self.data if self.data.flags.writeable else self.data.copy()
+        tensor = torch.from_numpy(data).view(dtype).reshape(self.shape)
+        return tensor if torch.device(device).type == "cpu" else tensor.to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.size)

@@ -1,0 +1,85 @@
+"""Records that cross the boundary between the client and the node actors.
+
+They are small frozen, slotted dataclasses of plain values (numpy arrays at most), so Ray
+serialises them cheaply, and callers never see a node's internal structures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """What must agree across a cluster for block hashes and pages to mean the same thing."""
+
+    node_id: str
+    epoch: int
+    model_name: str
+    model_fingerprint: str
+    block_size: int
+    hash_algorithm: str
+    salt_digest: str
+
+    def drift_from(self, expected: NodeIdentity) -> list[str]:
+        """One line per field that differs from ``expected`` (empty when compatible)."""
+        lines = []
+        for name in ("model_fingerprint", "block_size", "hash_algorithm", "salt_digest"):
+            ours, theirs = getattr(self, name), getattr(expected, name)
+            if ours != theirs:
+                lines.append(f"{name}: node {self.node_id} has {ours!r}, the cluster config has {theirs!r}")
+        return lines
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLoad:
+    """A node's load as the router sees it."""
+
+    in_flight: int
+    free_blocks: int
+    total_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupReply:
+    """What a node found for a prompt, and the lease that pins it.
+
+    ``matched_tokens`` counts the leading prompt tokens whose K/V the node holds (token
+    granular). ``lease_id`` is ``None`` when nothing matched: there is nothing to pin.
+    """
+
+    node_id: str
+    namespace: str
+    matched_tokens: int
+    blocks_per_tier: dict[str, int]
+    lease_id: str | None
+    lease_expires_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReply:
+    node_id: str
+    namespace: str
+    cached_tokens: int
+    new_tokens: int
+    published_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    node_id: str
+    epoch: int
+    device: str
+    blocks_total: int
+    blocks_free: int
+    sequences: int
+    leases: int
+    hits: int
+    misses: int
+    hit_tokens: int
+    lookup_tokens: int
+    tiers: dict[str, dict[str, float]] = field(default_factory=dict)
+    evictions: dict[str, int] = field(default_factory=dict)
+    migrations_in: int = 0
+    migrations_out: int = 0
+    registry_errors: int = 0
