@@ -63,6 +63,12 @@ class BlockPool:
         self._check_ids(as_block_ids([block_id]))
         return int(self._ref_counts[block_id])
 
+    def ref_counts_view(self) -> npt.NDArray[np.int32]:
+        """A read-only view of every block's ref count (index = block id); no copy."""
+        view = self._ref_counts.view()
+        view.flags.writeable = False
+        return view
+
     def ref_counts(self, ids: Sequence[int] | BlockIds) -> npt.NDArray[np.int32]:
         block_ids = as_block_ids(ids)
         self._check_ids(block_ids)

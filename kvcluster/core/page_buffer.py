@@ -5,26 +5,37 @@ One page per block, each holding every layer of ``block_size`` tokens contiguous
     pages[block] : (layers, kv_components, block_size, kv_heads, head_dim)
 
 so moving a block between tiers or nodes is one copy. K/V crossing this API is laid out
-``(layers, kv_components, tokens, kv_heads, head_dim)``; token ``t`` of a sequence lives in
-page ``block_table[t // block_size]`` at row ``t % block_size``::
+``(layers, kv_components, tokens, kv_heads, head_dim)``; token ``t`` of a run of blocks lives
+in page ``block_ids[t // block_size]`` at row ``t % block_size``::
 
     tokens   0 .. 15 | 16 .. 31 | 32 .. 39
     table    [  7    ,    2     ,    9    ]      block_size = 16
     page 9   rows 0..7 used, rows 8..15 free (the writable tail)
 
 The buffer is preallocated once; nothing on the hot path allocates pages.
+
+``rows_filled[block]`` is the number of leading rows of a page that hold written K/V. A write
+that starts at row 0 of a page resets it (a page is always filled from row 0 after it is
+handed out), a write further in raises it, and :meth:`copy_block` sets it. Only pages whose
+block is allocated carry a meaningful value; the engine uses it for utilisation statistics
+and invariant checks.
+
 Concurrency: not thread-safe; the owner serialises writes.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from kvcluster.core.block_pool import BlockIds, as_block_ids
-from kvcluster.errors import InvalidKV
+from kvcluster.errors import InvalidArgument, InvalidKV
 
 
 class PageBuffer:
+    """``num_blocks`` preallocated pages of shape ``page_shape`` on one device."""
+
     def __init__(
         self,
         num_blocks: int,
@@ -32,15 +43,29 @@ class PageBuffer:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        self.page_shape = page_shape
-        self.block_size = page_shape[2]
+        if num_blocks <= 0:
+            raise InvalidArgument(f"num_blocks must be positive, got {num_blocks}")
+        if len(page_shape) != 5 or any(int(d) <= 0 for d in page_shape):
+            raise InvalidArgument(
+                f"page_shape must be 5 positive dims (layers, kv_components, block_size, "
+                f"kv_heads, head_dim), got {page_shape}"
+            )
+        self.page_shape = tuple(int(d) for d in page_shape)
+        self.block_size = self.page_shape[2]
+        self.num_blocks = num_blocks
         self.dtype = dtype
-        self.device = torch.device(device)
-        self.pages = torch.zeros((num_blocks, *page_shape), dtype=dtype, device=self.device)
+        self.pages = torch.zeros((num_blocks, *self.page_shape), dtype=dtype, device=device)
+        # The tensor's own device: "cuda" resolves to "cuda:0", so comparisons are exact.
+        self.device = self.pages.device
+        self.rows_filled: npt.NDArray[np.int32] = np.zeros(num_blocks, dtype=np.int32)
 
     @property
     def page_bytes(self) -> int:
         return self.pages[0].numel() * self.pages.element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.page_bytes // self.block_size
 
     def check_kv(self, kv: torch.Tensor, num_tokens: int | None = None, what: str = "kv") -> None:
         """Raise :class:`InvalidKV` unless ``kv`` is ``(L, C, T, H, D)`` of our dtype/device."""
@@ -59,49 +84,89 @@ class PageBuffer:
             )
         if kv.dtype != self.dtype:
             raise InvalidKV(f"{what} has dtype {kv.dtype}; the cache stores {self.dtype}")
-        if kv.device.type != self.device.type:
+        if kv.device != self.device:
             raise InvalidKV(f"{what} is on {kv.device}; the cache lives on {self.device}")
 
     def write_tokens(self, block_ids: BlockIds, start: int, kv: torch.Tensor) -> None:
         """Write ``kv`` (``T`` tokens) at token offset ``start`` of the run of ``block_ids``.
 
         ``block_ids[0]`` holds tokens ``[0, block_size)`` of the run. ``kv`` must already be
-        validated by :meth:`check_kv`.
+        validated by :meth:`check_kv`, and the run must cover ``[start, start + T)``.
         """
-        num_tokens = kv.shape[2]
+        num_tokens = int(kv.shape[2])
         if num_tokens == 0:
             return
         bs = self.block_size
-        ids = torch.from_numpy(as_block_ids(block_ids))
+        end = start + num_tokens
+        ids_np = as_block_ids(block_ids)
+        first, last = start // bs, (end - 1) // bs
+        assert last < ids_np.size, f"write of tokens [{start}, {end}) past the run's {ids_np.size} blocks"
+        ids = torch.from_numpy(ids_np)
         if start % bs == 0 and num_tokens % bs == 0:
-            # Whole pages: one strided copy per page run.
-            first = start // bs
+            # Whole pages: one strided copy for the run.
             n = num_tokens // bs
             layers, comps, _, heads, dim = self.page_shape
             src = kv.reshape(layers, comps, n, bs, heads, dim).permute(2, 0, 1, 3, 4, 5)
             self.pages.index_copy_(0, ids[first : first + n].to(self.device), src.contiguous())
+        else:
+            positions = torch.arange(start, end)
+            blocks = ids[positions // bs].to(self.device)
+            rows = (positions % bs).to(self.device)
+            # Advanced indexing on dims 0 and 3 puts the token dim first: (T, L, C, H, D).
+            self.pages[blocks, :, :, rows] = kv.permute(2, 0, 1, 3, 4)
+        self._mark_filled(ids_np, start, end)
+
+    def _mark_filled(self, ids: BlockIds, start: int, end: int) -> None:
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs
+        fill = self.rows_filled
+        head_row, tail_row = start % bs, (end - 1) % bs + 1
+        if first == last:
+            block = ids[first]
+            fill[block] = tail_row if head_row == 0 else max(int(fill[block]), tail_row)
             return
-        positions = torch.arange(start, start + num_tokens)
-        blocks = ids[positions // bs].to(self.device)
-        rows = (positions % bs).to(self.device)
-        # Advanced indexing on dims 0 and 3 puts the token dim first: (T, L, C, H, D).
-        self.pages[blocks, :, :, rows] = kv.permute(2, 0, 1, 3, 4)
+        fill[ids[first]] = bs  # runs to the end of its page
+        fill[ids[first + 1 : last]] = bs
+        fill[ids[last]] = tail_row  # a write from row 0 of a page
 
     def read_tokens(self, block_ids: BlockIds, start: int, end: int) -> torch.Tensor:
-        """K/V of tokens ``[start, end)`` of the run of ``block_ids``, as ``(L, C, T, H, D)``."""
+        """K/V of tokens ``[start, end)`` of the run of ``block_ids``, as ``(L, C, T, H, D)``.
+
+        Always a new tensor (never a view of the pages), so later writes cannot change it.
+        """
         bs = self.block_size
+        layers, comps, _, heads, dim = self.page_shape
+        if end <= start:
+            return torch.empty((layers, comps, 0, heads, dim), dtype=self.dtype, device=self.device)
         ids = torch.from_numpy(as_block_ids(block_ids)).to(self.device)
-        if start % bs == 0 and end % bs == 0:
-            sel = self.pages.index_select(0, ids[start // bs : end // bs])
-            n, layers, comps, _, heads, dim = sel.shape
-            return sel.permute(1, 2, 0, 3, 4, 5).reshape(layers, comps, n * bs, heads, dim)
-        positions = torch.arange(start, end, device=self.device)
-        out = self.pages[ids[positions // bs], :, :, positions % bs]
-        return out.permute(1, 2, 0, 3, 4)
+        first, last = start // bs, (end - 1) // bs + 1
+        sel = self.pages.index_select(0, ids[first:last])  # (n, L, C, bs, H, D), a copy
+        n = last - first
+        flat = sel.permute(1, 2, 0, 3, 4, 5).reshape(layers, comps, n * bs, heads, dim)
+        offset = first * bs
+        return flat[:, :, start - offset : end - offset]
+
+    def read_layer(
+        self, block_ids: BlockIds, layer: int, start: int, end: int
+    ) -> torch.Tensor:
+        """One layer of tokens ``[start, end)`` as ``(C, T, H, D)`` (a new tensor)."""
+        bs = self.block_size
+        _, comps, _, heads, dim = self.page_shape
+        if end <= start:
+            return torch.empty((comps, 0, heads, dim), dtype=self.dtype, device=self.device)
+        ids = torch.from_numpy(as_block_ids(block_ids)).to(self.device)
+        first, last = start // bs, (end - 1) // bs + 1
+        sel = self.pages[:, layer].index_select(0, ids[first:last])  # (n, C, bs, H, D)
+        n = last - first
+        flat = sel.permute(1, 0, 2, 3, 4).reshape(comps, n * bs, heads, dim)
+        offset = first * bs
+        return flat[:, start - offset : end - offset]
 
     def copy_block(self, src: int, dst: int, num_tokens: int | None = None) -> None:
         """Copy page ``src`` into page ``dst`` (only its first ``num_tokens`` rows if given)."""
         if num_tokens is None:
             self.pages[dst].copy_(self.pages[src])
+            self.rows_filled[dst] = self.rows_filled[src]
         else:
             self.pages[dst, :, :, :num_tokens].copy_(self.pages[src, :, :, :num_tokens])
+            self.rows_filled[dst] = num_tokens
