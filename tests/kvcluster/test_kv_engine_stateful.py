@@ -45,7 +45,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.engine = PagedKVEngine(
             SPEC, block_size=BLOCK, num_blocks=BLOCKS, max_context=MAX_CONTEXT
         )
-        self.model: dict[int, tuple[list[int], torch.Tensor]] = {}
+        self.model: dict[SequenceId, tuple[list[int], torch.Tensor]] = {}
         self.external: Counter[int] = Counter()  # a stand-in prefix cache's references
         self.counter = 0
 
