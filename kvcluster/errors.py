@@ -139,3 +139,14 @@ class NodeUnavailable(ClusterError):
     """A node actor that died or cannot be reached; route elsewhere and retry."""
 
     retryable = True
+
+
+class PagesCorrupt(PageCorrupt):
+    """Some pages of a batch failed their checksum. ``slots`` lists them; none was returned.
+
+    The other pages of the batch were read (or written) normally.
+    """
+
+    def __init__(self, message: str, slots: Sequence[int]) -> None:
+        self.slots = list(slots)
+        super().__init__(message)
