@@ -6,7 +6,10 @@ serialises them cheaply, and callers never see a node's internal structures.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+
+from kvcluster.config import KVClusterConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,19 @@ class NodeIdentity:
             if ours != theirs:
                 lines.append(f"{name}: node {self.node_id} has {ours!r}, the cluster config has {theirs!r}")
         return lines
+
+
+def identity_for(config: KVClusterConfig, node_id: str, epoch: int) -> NodeIdentity:
+    """The identity a node running ``config`` must have."""
+    return NodeIdentity(
+        node_id=node_id,
+        epoch=epoch,
+        model_name=config.model.name,
+        model_fingerprint=config.model.fingerprint(),
+        block_size=config.cache.block_size,
+        hash_algorithm=config.hashing.algorithm,
+        salt_digest=hashlib.sha256(config.hashing.salt.encode()).hexdigest()[:16],
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,64 @@
+"""The only place that turns plain classes into Ray actors.
+
+``NodeEngine`` and the in-memory registry are ordinary Python classes, unit-tested without
+Ray. The functions here apply ``ray.remote`` with the options a deployment needs: one node
+actor per Ray node (hard node affinity), named so clients find them, detached so that the
+``kvcluster up`` process can exit, and ``max_concurrency`` > 1 so that lookups are never
+serialised behind a migration or a large fetch (NodeEngine is thread-safe for that reason).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+NODE_ACTOR_PREFIX = "kvnode:"
+REGISTRY_ACTOR_NAME = "kvregistry"
+
+
+def node_actor_name(node_id: str) -> str:
+    return NODE_ACTOR_PREFIX + node_id
+
+
+def create_node_actor(
+    node_id: str,
+    ray_node_id: str,
+    *,
+    namespace: str,
+    max_concurrency: int,
+    init_args: tuple[Any, ...],
+) -> Any:
+    """Create (or find, if it exists) the node actor pinned to ``ray_node_id``.
+
+    Idempotent: ``get_if_exists`` returns the live actor of that name instead of a second one.
+    """
+    from kvcluster.node_actor import NodeActor
+
+    actor_cls = ray.remote(NodeActor)
+    return actor_cls.options(  # type: ignore[attr-defined]
+        name=node_actor_name(node_id),
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=max_concurrency,
+        max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray_node_id, soft=False),
+    ).remote(*init_args)
+
+
+def create_registry_actor(*, namespace: str, init_args: tuple[Any, ...]) -> Any:
+    """The embedded registry in a Ray actor, for a multi-node cluster with no Redis."""
+    from routing.memory_registry import InMemoryRegistry
+
+    actor_cls = ray.remote(InMemoryRegistry)
+    return actor_cls.options(  # type: ignore[attr-defined]
+        name=REGISTRY_ACTOR_NAME,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=32,
+    ).remote(*init_args)
