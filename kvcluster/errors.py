@@ -150,3 +150,10 @@ class PagesCorrupt(PageCorrupt):
     def __init__(self, message: str, slots: Sequence[int]) -> None:
         self.slots = list(slots)
         super().__init__(message)
+
+
+# --- optional dependencies ------------------------------------------------------------------
+
+
+class MissingDependency(KVClusterError, ImportError):
+    """An optional extra (``pip install 'kvcluster[hf]'``...) that is not installed."""
