@@ -106,6 +106,29 @@ class ClusterConfig(BaseModel):
     )
 
 
+class MigrationConfig(BaseModel):
+    """When the best prefix holder is overloaded, whether to pull its blocks elsewhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="Let the client's planner pull prefixes between nodes.")
+    min_tokens: int = Field(
+        default=256, ge=0, description="Prefixes shorter than this are recomputed, never pulled."
+    )
+    prefill_tflops: float = Field(
+        default=100.0, gt=0,
+        description="Sustained prefill throughput of one node in TFLOP/s (recompute cost model).",
+    )
+    request_service_s: float = Field(
+        default=0.05, gt=0,
+        description="Mean time a node spends on one request (queueing cost of an overloaded node).",
+    )
+    initial_bandwidth_gbps: float = Field(
+        default=0.3, gt=0,
+        description="Node-to-node bandwidth in GB/s assumed until transfers have been measured.",
+    )
+
+
 class KVClusterConfig(BaseModel):
     """The root of the configuration."""
 
@@ -122,6 +145,7 @@ class KVClusterConfig(BaseModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
 
     @field_validator("model", mode="before")
     @classmethod

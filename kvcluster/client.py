@@ -1,0 +1,343 @@
+"""The kvcluster client: route a prompt to the node with its longest cached prefix, fetch
+that prefix's K/V, store new K/V.
+
+    client = kvcluster.connect(config, address="auto")     # a Ray cluster
+    client = kvcluster.connect_local(config)                 # in-process nodes, no Ray
+    with client.lookup(tokens, namespace="tenant-a") as result:
+        kv = client.fetch(result)                            # (L, C, matched, H, D)
+        ...run the model on result.remaining_tokens...
+        client.store(tokens, new_kv, namespace="tenant-a", result=result)
+
+``route_and_lookup`` costs one registry round trip (the router's ``longest_prefix``) and one
+call to the chosen node, which verifies the tokens, matches token-granularly and pins what it
+matched under a lease until ``release`` (or the lease's expiry).
+
+Thread-safety: a client may be shared by any number of threads; it holds no per-request
+state. The ``a``-prefixed methods are the asyncio forms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from kvcluster.config import KVClusterConfig
+from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable
+from kvcluster.kv_payload import KVPayload
+from kvcluster.migration import MigrationDecision, MigrationPlanner
+from kvcluster.node_handles import NodeHandle
+from kvcluster.node_types import LookupReply, StoreReply
+from routing.block_hashing import BlockHasher
+from routing.registry import PrefixRegistry
+from routing.router import RouteDecision, Router
+
+logger = logging.getLogger(__name__)
+
+TokenArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """Where a prompt went and what that node holds of it.
+
+    ``matched_tokens`` leading tokens are cached on ``node_id`` (``blocks_per_tier`` says
+    where) and pinned by ``lease_id`` until released; ``remaining_tokens`` are the ones an
+    engine still has to compute. ``explanation`` is the router's short account of its choice.
+    """
+
+    node_id: str
+    namespace: str
+    tokens: TokenArray = field(repr=False)
+    matched_tokens: int
+    blocks_per_tier: dict[str, int]
+    lease_id: str | None
+    explanation: str
+    migration: MigrationDecision | None = None
+
+    @property
+    def remaining_tokens(self) -> TokenArray:
+        return self.tokens[self.matched_tokens :]
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.matched_tokens / self.tokens.size if self.tokens.size else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    node_id: str
+    namespace: str
+    cached_tokens: int
+    new_tokens: int
+
+
+def as_tokens(tokens: Any, vocab_size: int) -> TokenArray:
+    """Validate prompt tokens once, on the client, before anything crosses a process."""
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise InvalidTokens(f"tokens must be a 1-D sequence of ints, got shape {array.shape}")
+    if array.size == 0:
+        raise InvalidTokens("tokens must not be empty")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InvalidTokens(f"tokens must be integers, got dtype {array.dtype}")
+    array = array.astype(np.int64, copy=False)
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise InvalidTokens(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return array
+
+
+class KVClient:
+    """A client of one kvcluster deployment (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: KVClusterConfig,
+        registry: PrefixRegistry,
+        nodes: Mapping[str, NodeHandle],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._spec = config.model
+        self._nodes = dict(nodes)
+        self._registry = registry
+        self._hasher = BlockHasher(
+            algorithm=config.hashing.algorithm,
+            block_size=config.cache.block_size,
+            salt=config.hashing.salt.encode(),
+            model_fingerprint=config.model.fingerprint(),
+        )
+        self._router = Router(registry, config.router, self._hasher, clock=clock)
+        self._planner = MigrationPlanner(config.model, config.migration)
+        self._on_close = on_close
+
+    @property
+    def nodes(self) -> list[str]:
+        return sorted(self._nodes)
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    # --- the core call -----------------------------------------------------------------------
+
+    def route_and_lookup(self, tokens: Any, namespace: str = "default") -> RouteResult:
+        """Route ``tokens`` to the best node, look the prefix up there and lease it."""
+        token_ids = as_tokens(tokens, self._spec.vocab_size)
+        excluded: set[str] = set()
+        while True:
+            decision = self._router.route(token_ids, namespace, candidates=self._candidates(excluded))
+            migration = self._maybe_migrate(token_ids, namespace, decision)
+            handle = self._nodes[decision.node_id]
+            try:
+                reply: LookupReply = handle.call("lookup", token_ids, namespace)
+            except NodeUnavailable:
+                excluded.add(decision.node_id)
+                logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
+                if len(excluded) == len(self._nodes):
+                    raise
+                continue
+            return RouteResult(
+                node_id=reply.node_id,
+                namespace=namespace,
+                tokens=token_ids,
+                matched_tokens=reply.matched_tokens,
+                blocks_per_tier=reply.blocks_per_tier,
+                lease_id=reply.lease_id,
+                explanation=decision.reason,
+                migration=migration,
+            )
+
+    def _candidates(self, excluded: set[str]) -> list[str]:
+        return [node for node in self._nodes if node not in excluded]
+
+    def _maybe_migrate(
+        self, tokens: TokenArray, namespace: str, decision: RouteDecision
+    ) -> MigrationDecision | None:
+        """When the router left the best holder for load, pull its prefix if that is cheapest."""
+        holder = decision.best_holder
+        if holder is None or holder == decision.node_id or holder not in self._nodes:
+            return None
+        held_tokens = decision.holder_blocks * self._config.cache.block_size
+        plan = self._planner.decide(
+            holder=holder,
+            target=decision.node_id,
+            prefix_tokens=held_tokens,
+            holder_in_flight=decision.holder_in_flight,
+        )
+        if plan.action == "pull":
+            self.migrate_prefix(tokens[:held_tokens], namespace, source=holder, target=decision.node_id)
+        return plan
+
+    def migrate_prefix(self, tokens: Any, namespace: str, *, source: str, target: str) -> StoreResult:
+        """Copy the K/V ``source`` holds for ``tokens`` onto ``target`` and register it there.
+
+        The pages travel through Ray's object store straight from source to target (the
+        client passes a reference, never the bytes); the source's lookups are not blocked.
+        """
+        token_ids = as_tokens(tokens, self._spec.vocab_size)
+        start = time.perf_counter()
+        src, dst = self._nodes[source], self._nodes[target]
+        pending = src.submit("export_prefix", token_ids, namespace)
+        reply: StoreReply = dst.call("import_prefix", token_ids, pending, namespace)
+        elapsed = time.perf_counter() - start
+        self._planner.record_transfer(reply.new_tokens * self._spec.bytes_per_token, elapsed)
+        return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
+
+    # --- data -------------------------------------------------------------------------------
+
+    def fetch(self, result: RouteResult) -> torch.Tensor:
+        """K/V of ``result``'s matched prefix: ``(layers, kv_components, matched, heads, dim)``."""
+        if not result.matched_tokens or result.lease_id is None:
+            layers, comps, _, heads, dim = self._spec.page_shape(0)
+            return torch.empty((layers, comps, 0, heads, dim), dtype=self._spec.torch_dtype)
+        payload: KVPayload = self._nodes[result.node_id].call(
+            "fetch", result.lease_id, result.namespace
+        )
+        return payload.to_tensor()
+
+    def store(
+        self,
+        tokens: Any,
+        kv: torch.Tensor,
+        namespace: str = "default",
+        *,
+        result: RouteResult | None = None,
+        node: str | None = None,
+    ) -> StoreResult:
+        """Cache ``kv`` for ``tokens``.
+
+        With ``result`` (from :meth:`route_and_lookup` on the same tokens' prefix), ``kv``
+        covers ``tokens[result.matched_tokens:]`` and the node reuses the prefix its lease
+        pins; otherwise ``kv`` covers all of ``tokens`` and goes to ``node`` or the routed one.
+        """
+        token_ids = as_tokens(tokens, self._spec.vocab_size)
+        start = 0
+        lease_id = None
+        if result is not None:
+            if result.namespace != namespace:
+                raise InvalidKV(
+                    f"the route result is for namespace {result.namespace!r}, not {namespace!r}"
+                )
+            if token_ids.size < result.matched_tokens or not np.array_equal(
+                token_ids[: result.matched_tokens], result.tokens[: result.matched_tokens]
+            ):
+                raise InvalidTokens("tokens do not start with the route result's matched prefix")
+            node, start, lease_id = result.node_id, result.matched_tokens, result.lease_id
+        self._check_kv(kv, token_ids.size - start)
+        if node is None:
+            node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
+        payload = KVPayload.from_tensor(kv)
+        reply: StoreReply = self._nodes[node].call("store", token_ids, payload, namespace, lease_id)
+        return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
+
+    def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
+        layers, comps, _, heads, dim = self._spec.page_shape(1)
+        expected = (layers, comps, num_tokens, heads, dim)
+        if not isinstance(kv, torch.Tensor) or tuple(kv.shape) != expected:
+            shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+            raise InvalidKV(f"kv has shape {shape}; the model spec needs {expected}")
+        if kv.dtype != self._spec.torch_dtype:
+            raise InvalidKV(f"kv has dtype {kv.dtype}; the model spec stores {self._spec.torch_dtype}")
+
+    def release(self, result: RouteResult) -> bool:
+        """Release ``result``'s lease; False when it was already released or expired."""
+        if result.lease_id is None:
+            return False
+        released: bool = self._nodes[result.node_id].call("release", result.lease_id)
+        return released
+
+    @contextlib.contextmanager
+    def lookup(self, tokens: Any, namespace: str = "default") -> Iterator[RouteResult]:
+        """``route_and_lookup`` whose lease is released when the block exits, whatever happens."""
+        result = self.route_and_lookup(tokens, namespace)
+        try:
+            yield result
+        finally:
+            with contextlib.suppress(NodeUnavailable):
+                self.release(result)
+
+    def session(self, conversation_id: str, namespace: str = "default") -> ChatSession:
+        return ChatSession(self, conversation_id, namespace)
+
+    # --- asyncio forms ----------------------------------------------------------------------
+
+    async def aroute_and_lookup(self, tokens: Any, namespace: str = "default") -> RouteResult:
+        token_ids = as_tokens(tokens, self._spec.vocab_size)
+        decision = self._router.route(token_ids, namespace, candidates=self._candidates(set()))
+        reply: LookupReply = await self._nodes[decision.node_id].acall("lookup", token_ids, namespace)
+        return RouteResult(reply.node_id, namespace, token_ids, reply.matched_tokens,
+                           reply.blocks_per_tier, reply.lease_id, decision.reason)
+
+    async def afetch(self, result: RouteResult) -> torch.Tensor:
+        if not result.matched_tokens or result.lease_id is None:
+            return self.fetch(result)
+        payload: KVPayload = await self._nodes[result.node_id].acall(
+            "fetch", result.lease_id, result.namespace
+        )
+        return payload.to_tensor()
+
+    async def arelease(self, result: RouteResult) -> bool:
+        if result.lease_id is None:
+            return False
+        released: bool = await self._nodes[result.node_id].acall("release", result.lease_id)
+        return released
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def node_stats(self) -> dict[str, Any]:
+        return {node_id: handle.call("stats") for node_id, handle in self._nodes.items()}
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    def __enter__(self) -> KVClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChatSession:
+    """A multi-turn conversation that sticks to the node holding its history.
+
+    Each turn sends the whole conversation so far plus the new user message; the node finds
+    everything before the new message cached, so only the new tokens are computed.
+    """
+
+    def __init__(self, client: KVClient, conversation_id: str, namespace: str) -> None:
+        self._client = client
+        self.conversation_id = conversation_id
+        self.namespace = namespace
+        self.history: TokenArray = np.empty(0, dtype=np.int64)
+        self.node_id: str | None = None
+
+    def prompt(self, user_tokens: Any) -> RouteResult:
+        """Route the history plus ``user_tokens``; the caller computes the remaining tokens."""
+        prompt = np.concatenate([self.history, np.asarray(user_tokens, dtype=np.int64)])
+        result = self._client.route_and_lookup(prompt, self.namespace)
+        self.node_id = result.node_id
+        return result
+
+    def complete(self, result: RouteResult, response_tokens: Any, kv: torch.Tensor) -> StoreResult:
+        """Store the turn: ``kv`` covers the prompt's remaining tokens and the response."""
+        full = np.concatenate([result.tokens, np.asarray(response_tokens, dtype=np.int64)])
+        try:
+            stored = self._client.store(full, kv, self.namespace, result=result)
+        finally:
+            self._client.release(result)
+        self.history = full
+        return stored

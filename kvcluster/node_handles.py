@@ -1,0 +1,88 @@
+"""How the client reaches a node: in-process, or through its Ray actor.
+
+A :class:`NodeHandle` calls one node's methods by name. ``LocalNodeHandle`` calls a
+``NodeEngine`` (or its instrumented wrapper) directly: the in-process cluster used by tests,
+notebooks and single-machine engines. ``RayNodeHandle`` calls the node actor and translates
+Ray's failures into :class:`NodeUnavailable` at this boundary, so the client never sees a raw
+Ray exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import ray
+
+from kvcluster.errors import KVClusterError, NodeUnavailable
+
+
+class NodeHandle(Protocol):
+    node_id: str
+
+    def call(self, method: str, *args: Any) -> Any: ...
+
+    async def acall(self, method: str, *args: Any) -> Any: ...
+
+    def submit(self, method: str, *args: Any) -> Any:
+        """Start a call and return something :meth:`resolve` turns into its result."""
+        ...
+
+    def resolve(self, pending: Any) -> Any: ...
+
+
+class LocalNodeHandle:
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.node_id: str = node.node_id
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.node, method)(*args)
+
+    async def acall(self, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.node, method), *args)
+
+    def submit(self, method: str, *args: Any) -> Any:
+        return self.call(method, *args)
+
+    def resolve(self, pending: Any) -> Any:
+        return pending
+
+
+class RayNodeHandle:
+    def __init__(self, node_id: str, actor: Any, timeout_s: float | None = 60.0) -> None:
+        self.node_id = node_id
+        self.actor = actor
+        self._timeout_s = timeout_s
+
+    def call(self, method: str, *args: Any) -> Any:
+        return self.resolve(self.submit(method, *args))
+
+    def submit(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.actor, method).remote(*args)
+        except ray.exceptions.RayError as exc:
+            raise NodeUnavailable(f"node {self.node_id}: {type(exc).__name__}: {exc}") from None
+
+    def resolve(self, pending: Any) -> Any:
+        try:
+            return ray.get(pending, timeout=self._timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, KVClusterError):
+                raise cause from None
+            raise NodeUnavailable(f"node {self.node_id} failed: {exc}") from None
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            raise NodeUnavailable(f"node {self.node_id} is unavailable: {type(exc).__name__}") from None
+
+    async def acall(self, method: str, *args: Any) -> Any:
+        ref = self.submit(method, *args)
+        try:
+            return await ref
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, KVClusterError):
+                raise cause from None
+            raise NodeUnavailable(f"node {self.node_id} failed: {exc}") from None
+        except ray.exceptions.RayError as exc:
+            raise NodeUnavailable(f"node {self.node_id} is unavailable: {type(exc).__name__}") from None
