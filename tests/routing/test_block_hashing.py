@@ -1,0 +1,187 @@
+"""Block-hash chains: fixed vectors, the specification, salting, validation."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+
+from kvcluster.errors import InvalidArgument, InvalidTokens
+from routing.block_hashing import (
+    BLOCK_HASH_DTYPE,
+    BlockHasher,
+    as_block_hashes,
+    as_token_array,
+    block_hash_list,
+    prefix_family,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Pinned outputs for tokens 0..9, block size 4, salt b"cluster-salt", fingerprint "llama-fp",
+# namespace "tenant-a". A change here breaks every registry entry and peer in a cluster.
+VECTORS = {
+    "xxh3_128": (
+        "c5d56844634e14327405331e2a6c7f71",
+        ["1a79767099827e5731d45e93f4bfc347", "db0c596c750fa31752bfdbc07c7703f1"],
+    ),
+    "sha256": (
+        "a28c41daae69b762774b42b7ea4a8b66",
+        ["2228e803543ef97f8ce3ce26635cb2be", "8e7030154d824b66592789514fa70a64"],
+    ),
+}
+
+
+def _spec_chain(algorithm: str, block_size: int, salt: bytes, fingerprint: str,
+                namespace: str, tokens: list[int]) -> list[bytes]:
+    """The scheme of the module docstring, written out independently with struct."""
+
+    def digest(data: bytes) -> bytes:
+        if algorithm == "xxh3_128":
+            return xxhash.xxh3_128(data).digest()
+        return hashlib.sha256(data).digest()[:16]
+
+    def fields(*items: bytes) -> bytes:
+        return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+    header = fields(b"kvcluster.block_hash.v1", algorithm.encode(), struct.pack("<I", block_size),
+                    b"int32le", fingerprint.encode(), salt)
+    key = digest(header + fields(namespace.encode()))
+    out = []
+    for i in range(len(tokens) // block_size):
+        block = tokens[i * block_size:(i + 1) * block_size]
+        key = digest(key + struct.pack(f"<{block_size}i", *block))
+        out.append(key)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_fixed_vectors(algorithm: str) -> None:
+    hasher = BlockHasher(algorithm, 4, b"cluster-salt", "llama-fp")  # type: ignore[arg-type]
+    root, keys = VECTORS[algorithm]
+    assert hasher.root("tenant-a").hex() == root
+    chain = hasher.hash_chain(list(range(10)), "tenant-a")
+    assert chain.dtype == BLOCK_HASH_DTYPE
+    assert [k.hex() for k in block_hash_list(chain)] == keys
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_matches_written_out_specification(algorithm: str) -> None:
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, 2**31 - 1, 16 * 37 + 5).tolist()
+    hasher = BlockHasher(algorithm, 16, b"s", "fp")  # type: ignore[arg-type]
+    expected = _spec_chain(algorithm, 16, b"s", "fp", "ns", tokens)
+    assert block_hash_list(hasher.hash_chain(tokens, "ns")) == expected
+    assert block_hash_list(hasher.hash_chain_reference(np.asarray(tokens), "ns")) == expected
+
+
+def test_stable_across_processes() -> None:
+    code = (
+        "from routing.block_hashing import BlockHasher;"
+        "print(BlockHasher('xxh3_128', 4, b'cluster-salt', 'llama-fp')"
+        ".hash_chain(list(range(10)), 'tenant-a').tobytes().hex())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "12345", "PATH": ""}, cwd=REPO_ROOT)
+    assert out.stdout.strip() == "".join(VECTORS["xxh3_128"][1])
+
+
+def test_every_extra_key_changes_every_block() -> None:
+    tokens = np.arange(64, dtype=np.int32)
+    base = BlockHasher("xxh3_128", 16, b"salt", "model-a").hash_chain(tokens, "ns")
+    variants = [
+        BlockHasher("xxh3_128", 16, b"salt", "model-a").hash_chain(tokens, "other-ns"),
+        BlockHasher("xxh3_128", 16, b"pepper", "model-a").hash_chain(tokens, "ns"),
+        BlockHasher("xxh3_128", 16, b"salt", "model-b").hash_chain(tokens, "ns"),
+        BlockHasher("sha256", 16, b"salt", "model-a").hash_chain(tokens, "ns"),
+        BlockHasher("xxh3_128", 8, b"salt", "model-a").hash_chain(tokens, "ns")[1::2],
+    ]
+    for other in variants:
+        assert len(other) == 4
+        assert not np.any(other == base)
+
+
+def test_key_commits_to_whole_prefix() -> None:
+    hasher = BlockHasher("xxh3_128", 4)
+    a = hasher.hash_chain([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+    b = hasher.hash_chain([1, 2, 3, 99, 5, 6, 7, 8, 9, 10, 11, 12])
+    assert not np.any(a == b)  # one token in block 0 changes every later key
+    c = hasher.hash_chain([1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0])
+    assert list(a[:2] == c[:2]) == [True, True] and a[2] != c[2]
+    # equal blocks at different depths get different keys
+    d = hasher.hash_chain([7, 7, 7, 7, 7, 7, 7, 7])
+    assert d[0] != d[1]
+
+
+def test_partial_block_and_empty() -> None:
+    hasher = BlockHasher("xxh3_128", 4)
+    assert len(hasher.hash_chain([1, 2, 3])) == 0
+    assert len(hasher.hash_chain([])) == 0
+    assert len(hasher.hash_chain(np.arange(11))) == 2
+
+
+def test_extend_chain_continues_from_parent() -> None:
+    hasher = BlockHasher("sha256", 4)
+    tokens = list(range(40))
+    chain = hasher.hash_chain(tokens, "t")
+    tail = hasher.extend_chain(chain[3].tobytes(), tokens[16:], "t")
+    assert np.array_equal(tail, chain[4:])
+    with pytest.raises(InvalidArgument, match="16-byte"):
+        hasher.extend_chain(b"short", tokens)
+
+
+def test_dtype_independent() -> None:
+    hasher = BlockHasher("xxh3_128", 4)
+    tokens = [5, 0, 2**31 - 1, 17, 3, 3, 3, 3]
+    ref = hasher.hash_chain(tokens)
+    for dtype in (np.int32, np.int64, np.uint32, np.uint64):
+        assert np.array_equal(hasher.hash_chain(np.asarray(tokens, dtype=dtype)), ref)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([1, -1], "outside"),
+        (np.array([2**31]), "outside"),
+        (np.array([1.0, 2.0]), "integers"),
+        (np.zeros((2, 2), dtype=np.int32), "1-D"),
+        (np.array([-3], dtype=np.int32), "negative"),
+        (["a", "b"], "integers"),
+        (np.array([True]), "integers"),
+    ],
+)
+def test_bad_tokens_rejected(bad: object, message: str) -> None:
+    with pytest.raises(InvalidTokens, match=message):
+        as_token_array(bad)  # type: ignore[arg-type]
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(InvalidArgument, match="algorithm"):
+        BlockHasher("md5", 16)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="block_size"):
+        BlockHasher("xxh3_128", 0)
+    with pytest.raises(InvalidArgument, match="salt"):
+        BlockHasher("xxh3_128", 16, "text")  # type: ignore[arg-type]
+
+
+def test_representation_helpers() -> None:
+    hasher = BlockHasher("xxh3_128", 2)
+    chain = hasher.hash_chain([1, 2, 3, 4, 5, 6])
+    keys = block_hash_list(chain)
+    assert all(isinstance(k, bytes) and len(k) == 16 for k in keys)
+    assert np.array_equal(as_block_hashes(chain.tobytes()), chain)
+    assert np.array_equal(as_block_hashes(keys), chain)
+    assert np.array_equal(as_block_hashes(np.frombuffer(chain.tobytes(), np.uint8).reshape(-1, 16)), chain)
+    assert prefix_family(chain) == keys[0].hex() == prefix_family(keys)
+    with pytest.raises(InvalidArgument):
+        prefix_family(chain[:0])
+    with pytest.raises(InvalidArgument):
+        as_block_hashes(b"x" * 17)
+    with pytest.raises(InvalidArgument):
+        as_block_hashes([b"x" * 15])
