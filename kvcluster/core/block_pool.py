@@ -101,7 +101,13 @@ class BlockPool:
         if np.any(self._ref_counts[block_ids] <= 0):
             bad = block_ids[self._ref_counts[block_ids] <= 0]
             raise InvalidArgument(f"cannot add a reference to free block(s) {bad[:8].tolist()}")
-        np.add.at(self._ref_counts, block_ids, 1)
+        # np.add.at is ~25x slower than a fancy-index add; use the latter unless ids repeat.
+        ordered = np.sort(block_ids)
+        if block_ids.size == 1 or np.all(ordered[1:] != ordered[:-1]):
+            self._ref_counts[block_ids] += 1
+        else:
+            touched, adds = np.unique(ordered, return_counts=True)
+            self._ref_counts[touched] += adds.astype(np.int32)
 
     def decref(self, ids: Sequence[int] | BlockIds) -> BlockIds:
         """Drop one reference from each id; blocks reaching zero return to the free stack.
@@ -113,8 +119,12 @@ class BlockPool:
         if block_ids.size == 0:
             return block_ids
         self._check_ids(block_ids)
-        # np.unique, not bincount: cost follows the ids released, not the pool's size.
-        touched, drops = np.unique(block_ids, return_counts=True)
+        # Sorting, not bincount: cost follows the ids released, not the pool's size.
+        ordered = np.sort(block_ids)
+        if block_ids.size == 1 or np.all(ordered[1:] != ordered[:-1]):
+            touched, drops = ordered, np.ones(ordered.size, dtype=np.int64)
+        else:
+            touched, drops = np.unique(ordered, return_counts=True)
         current = self._ref_counts[touched]
         if np.any(current < drops):
             bad = touched[current < drops]

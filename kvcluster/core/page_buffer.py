@@ -32,6 +32,8 @@ import torch
 from kvcluster.core.block_pool import BlockIds, as_block_ids
 from kvcluster.errors import InvalidArgument, InvalidKV
 
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 class PageBuffer:
     """``num_blocks`` preallocated pages of shape ``page_shape`` on one device."""
@@ -101,19 +103,33 @@ class PageBuffer:
         ids_np = as_block_ids(block_ids)
         first, last = start // bs, (end - 1) // bs
         assert last < ids_np.size, f"write of tokens [{start}, {end}) past the run's {ids_np.size} blocks"
-        ids = torch.from_numpy(ids_np)
-        if start % bs == 0 and num_tokens % bs == 0:
-            # Whole pages: one strided copy for the run.
-            n = num_tokens // bs
-            layers, comps, _, heads, dim = self.page_shape
-            src = kv.reshape(layers, comps, n, bs, heads, dim).permute(2, 0, 1, 3, 4, 5)
-            self.pages.index_copy_(0, ids[first : first + n].to(self.device), src.contiguous())
-        else:
-            positions = torch.arange(start, end)
-            blocks = ids[positions // bs].to(self.device)
-            rows = (positions % bs).to(self.device)
-            # Advanced indexing on dims 0 and 3 puts the token dim first: (T, L, C, H, D).
-            self.pages[blocks, :, :, rows] = kv.permute(2, 0, 1, 3, 4)
+        # At most three copies: the rest of a partial first page, a run of whole pages, the
+        # head of a last page. Slice copies beat advanced indexing (no index tensors).
+        pages = self.pages
+        done = 0
+        row = start % bs
+        if row:
+            count = min(bs - row, num_tokens)
+            pages[int(ids_np[first]), :, :, row : row + count].copy_(kv[:, :, :count])
+            done = count
+        whole = (num_tokens - done) // bs
+        if whole:
+            page = (start + done) // bs
+            src = kv[:, :, done : done + whole * bs]
+            if whole == 1:
+                pages[int(ids_np[page])].copy_(src)
+            else:
+                layers, comps, _, heads, dim = self.page_shape
+                src = src.reshape(layers, comps, whole, bs, heads, dim).permute(2, 0, 1, 3, 4, 5)
+                index = torch.from_numpy(ids_np[page : page + whole]).to(self.device)
+                # Through a same-width integer view: bit-exact, and index_copy_ has no
+                # kernel for every dtype (fp8 on CPU).
+                bits = _SAME_WIDTH_INT[pages.element_size()]
+                pages.view(bits).index_copy_(0, index, src.contiguous().view(bits))
+            done += whole * bs
+        if done < num_tokens:
+            count = num_tokens - done
+            pages[int(ids_np[last]), :, :, :count].copy_(kv[:, :, done:])
         self._mark_filled(ids_np, start, end)
 
     def _mark_filled(self, ids: BlockIds, start: int, end: int) -> None:

@@ -27,7 +27,7 @@ def test_layout_token_t_lives_in_block_t_div_bs_row_t_mod_bs() -> None:
     assert buf.rows_filled[[5, 2, 0]].tolist() == [4, 4, 2]
 
 
-@pytest.mark.parametrize(("start", "n"), [(0, 8), (0, 3), (3, 1), (3, 9), (4, 4), (1, 2)])
+@pytest.mark.parametrize(("start", "n"), [(0, 8), (0, 3), (3, 1), (3, 9), (4, 4), (1, 2), (1, 12), (2, 6), (0, 13)])
 def test_write_then_read_any_range(start: int, n: int) -> None:
     buf = PageBuffer(8, SHAPE, torch.float32)
     run = np.array([7, 1, 4, 3], dtype=np.int64)
@@ -86,10 +86,13 @@ def test_empty_reads_and_writes() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int8])
 def test_narrow_dtypes_round_trip_bit_exact(dtype: torch.dtype) -> None:
     buf = PageBuffer(3, SHAPE, dtype)
-    data = (kv(9) * 8).to(dtype)
+    data = (kv(11) * 8).to(dtype)
     run = np.array([2, 0, 1])
-    buf.write_tokens(run, 0, data)
-    assert torch.equal(buf.read_tokens(run, 0, 9).view(torch.uint8), data.view(torch.uint8))
+    buf.write_tokens(run, 0, data[:, :, :1])  # a partial page
+    buf.write_tokens(run, 1, data[:, :, 1:])  # its rest, a whole page (index copy), a tail
+    assert torch.equal(buf.read_tokens(run, 0, 11).view(torch.uint8), data.view(torch.uint8))
+    buf.write_tokens(run, 0, data[:, :, :8])  # two whole pages
+    assert torch.equal(buf.read_tokens(run, 0, 11).view(torch.uint8), data.view(torch.uint8))
 
 
 def test_sizes() -> None:
