@@ -375,9 +375,12 @@ class PagedKVEngine:
     # --- internals ---------------------------------------------------------------------------
 
     def _get(self, seq_id: SequenceId | int) -> SequenceState:
-        state = self._sequences.get(seq_id) if isinstance(seq_id, int) else None  # type: ignore[arg-type]
+        if isinstance(seq_id, np.integer):
+            seq_id = int(seq_id)
+        valid = isinstance(seq_id, int) and not isinstance(seq_id, bool)
+        state = self._sequences.get(seq_id) if valid else None
         if state is None:
-            if isinstance(seq_id, int) and 0 <= seq_id < self._next_id:
+            if valid and 0 <= seq_id < self._next_id:
                 raise UnknownSequence(f"sequence {seq_id} was already freed")
             raise UnknownSequence(f"unknown sequence {seq_id!r}")
         return state

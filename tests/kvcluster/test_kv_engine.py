@@ -150,6 +150,11 @@ def test_empty_append_is_a_no_op(engine: PagedKVEngine) -> None:
     assert_same_state(before, engine)
 
 
+def test_numpy_integer_sequence_ids_are_accepted(engine: PagedKVEngine) -> None:
+    seq = engine.create_sequence([1, 2], make_kv(TINY, 2))
+    assert engine.num_tokens(np.int64(seq)) == 2  # type: ignore[arg-type]
+
+
 def test_returned_arrays_are_copies(engine: PagedKVEngine) -> None:
     kv = make_kv(TINY, 20)
     seq = engine.create_sequence(list(range(20)), kv)
@@ -601,6 +606,8 @@ def test_unknown_and_freed_sequences(engine: PagedKVEngine) -> None:
         engine.free(SequenceId(-1))
     with pytest.raises(UnknownSequence):
         engine.fork("abc")  # type: ignore[arg-type]
+    with pytest.raises(UnknownSequence, match="unknown sequence False"):
+        engine.fork(False)  # type: ignore[arg-type]
     assert_same_state(before, engine)
 
 
@@ -656,3 +663,20 @@ def test_stats_count_exactly(engine: PagedKVEngine) -> None:
         tokens_stored=56, slots_allocated=48, slots_filled=36, cow_copies=0,
         utilisation=36 / 48, fragmentation=12 / 48,
     )
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_round_trips_and_rejects_host_kv() -> None:
+    e = PagedKVEngine(TINY, num_blocks=8, device="cuda")
+    kv = make_kv(TINY, 21).cuda()
+    seq = e.create_sequence(list(range(21)), kv)
+    child = e.fork(seq)
+    extra = make_kv(TINY, 2, seed=1).cuda()
+    e.append(child, [1, 2], extra)
+    assert e.read_kv(seq).device.type == "cuda"
+    assert torch.equal(e.read_kv(seq), kv)
+    assert torch.equal(e.read_kv(child), torch.cat([kv, extra], dim=2))
+    before = snapshot(e)
+    with pytest.raises(InvalidKV, match="cuda"):
+        e.append(seq, [1], make_kv(TINY, 1))
+    assert_same_state(before, e)

@@ -193,3 +193,16 @@ def test_empty_batch() -> None:
         torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
     )
     assert out.shape == (0, 4, 8)
+
+
+@pytest.mark.gpu
+def test_on_cuda_equals_dense() -> None:
+    lengths, q_lens = [5, 18], [1, 4]
+    key_cache, value_cache, tables, keys, values = scattered_cache(lengths, 2, 8, torch.float32)
+    query = torch.randn(5, 4, 8)
+    out = paged_attention(
+        query.cuda(), key_cache.cuda(), value_cache.cuda(), tables.cuda(),
+        torch.tensor(lengths), torch.tensor(q_lens),
+    )
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), reference(query, keys, values, q_lens), atol=1e-5, rtol=1e-5)
