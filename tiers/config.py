@@ -81,6 +81,9 @@ class GpuTierConfig(BaseModel):
         "is absent a CPU tensor of this size stands in.",
     )
     device: str = Field(default="auto", description="'auto' (cuda:0 when present, else cpu), 'cpu' or 'cuda:N'.")
+    eviction_policy: Literal["lru", "lfu"] | None = Field(
+        default=None, description="This tier's eviction order; None inherits tiers.eviction_policy."
+    )
 
 
 class CpuTierConfig(BaseModel):
@@ -92,6 +95,9 @@ class CpuTierConfig(BaseModel):
     )
     pinned: Literal["auto", "always", "never"] = Field(
         default="auto", description="Page-lock host memory: 'auto' pins when CUDA is present."
+    )
+    eviction_policy: Literal["lru", "lfu"] | None = Field(
+        default=None, description="This tier's eviction order; None inherits tiers.eviction_policy."
     )
 
 
@@ -110,6 +116,14 @@ class NvmeTierConfig(BaseModel):
         default="auto", description="Use O_DIRECT where the filesystem allows ('auto' probes)."
     )
     io_threads: int = Field(default=4, gt=0, le=64, description="Threads doing NVMe reads and writes.")
+    fsync: bool = Field(
+        default=True,
+        description="fdatasync each written batch before journaling it, so pages survive a power "
+        "loss as well as a crash (a killed process needs no fsync).",
+    )
+    eviction_policy: Literal["lru", "lfu"] | None = Field(
+        default=None, description="This tier's eviction order; None inherits tiers.eviction_policy."
+    )
 
     @model_validator(mode="after")
     def _paths_when_enabled(self) -> NvmeTierConfig:
@@ -135,6 +149,9 @@ class TiersConfig(BaseModel):
     migration_threads: int = Field(default=2, gt=0, le=64, description="Worker threads moving pages.")
     eviction_policy: str = Field(
         default="lru", description="How each tier picks its coldest pages: lru or lfu."
+    )
+    promote_on_hit: bool = Field(
+        default=True, description="Promote a page read from a lower tier back to the top tier."
     )
 
     @field_validator("eviction_policy")

@@ -1,0 +1,849 @@
+"""The tiered store: places pages in the fastest tier with room and migrates them in the background.
+
+Tiers are ordered top (fastest: GPU) to bottom (largest: NVMe). Keys are the caller's opaque
+integers in ``[0, 2**63)``; a key names one page whose *location* (tier and slot) changes while
+its identity and bytes never do.
+
+Placement and migration
+    ``put`` writes a page into the highest tier with a free slot. When a tier's occupancy passes
+    ``high_watermark`` the worker threads demote its coldest unpinned pages (LRU or LFU per tier)
+    one tier down until it falls to ``low_watermark``. A hit on a lower tier (``get``) queues the
+    page for promotion to the top; ``prefetch`` promotes a batch early and returns a Future;
+    ``demote`` pushes pages down explicitly. When the bottom tier is full, its coldest unpinned
+    pages are *discarded* to make room and every discard is reported to the ``on_discard``
+    listeners (the caller unregisters the key). When nothing can be placed and nothing is
+    evictable, ``put`` raises CapacityError and changes nothing. Every completed move is
+    reported to the ``on_move`` listeners as ``(key, from_tier, to_tier)``.
+
+Pins
+    A pinned page (``pin``) is never demoted, discarded or moved by an automatic promotion; only
+    an explicit ``prefetch`` promotes it (the pin holder asked for it). ``discard`` of a pinned
+    key is misuse. A move is two-phase: the page is marked *moving* and copied while it stays
+    readable at its source; the commit then switches its location. A demotion whose page got
+    pinned meanwhile is rolled back instead of committed.
+
+Locking contract
+    * ``_lock`` guards all metadata (entries, per-tier orders, counters, the work queue flags).
+      It is held only for O(batch) bookkeeping, never during a page copy, disk I/O or a
+      listener call. Tier ``allocate``/``free`` are in-memory and may be called under it (lock
+      order: store, then tier).
+    * ``location``, ``contains`` and ``len`` take no lock at all (one dict lookup and one
+      attribute read, atomic under the GIL), so a lookup never waits on a demotion.
+    * ``get`` takes ``_lock`` twice, briefly, to register and release itself as a reader of the
+      page's current slot; the copy runs unlocked. A slot that a move or discard retires while
+      it has readers is freed only when the last reader leaves, so ``get`` never sees a
+      reused slot. ``get`` of a top-tier page never waits for any copy or I/O.
+    * Listeners run on the thread that caused the event (a worker or the caller of ``put``)
+      with no store lock held; they may call back into the store. A listener that raises is
+      logged and does not stop the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from kvcluster.errors import (
+    CapacityError,
+    InvalidArgument,
+    KVClusterError,
+    NotFound,
+    PageCorrupt,
+    PagesCorrupt,
+    TierIOError,
+)
+from tiers.eviction_order import EvictionOrder, make_order
+from tiers.page_store import PageStore, Recoverable, TierStats, check_page, copy_pages
+
+logger = logging.getLogger(__name__)
+
+MoveListener = Callable[[int, str, str], None]
+DiscardListener = Callable[[int], None]
+
+_KEY_LIMIT = 2**63
+_PRIORITY_PREFETCH, _PRIORITY_HIT, _PRIORITY_DEMOTE = 0, 1, 2
+
+
+@dataclass(slots=True)
+class _Entry:
+    """Where one key's page is. Mutated only under the store lock (``tier`` is read without)."""
+
+    key: int
+    tier: int
+    slot: int
+    hits: int = 0
+    pins: int = 0
+    readers: int = 0
+    moving: bool = False
+    removed: bool = False
+    # Old (tier, slot) places that a reader may still be copying from; freed at readers == 0.
+    retired: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Counters:
+    demotions: int = 0
+    promotions: int = 0
+    discards: int = 0
+    bytes_moved: int = 0
+    move_seconds: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
+class MoveResult:
+    """What a ``prefetch`` or ``demote`` request did, key by key.
+
+    ``moved``: now in the target tier because of this request; ``already``: nothing to do;
+    ``missing``: unknown or discarded keys; ``skipped``: pinned (demote), bottom tier (demote)
+    or no room; ``failed``: an I/O error (the page stayed) or a checksum failure (the page was
+    dropped and reported to ``on_discard``).
+    """
+
+    moved: tuple[int, ...] = ()
+    already: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+    skipped: tuple[int, ...] = ()
+    failed: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A batch move prepared under the lock: ``keys`` from ``src`` slots to ``dst`` slots."""
+
+    src: int
+    dst: int
+    entries: list[_Entry]
+    src_slots: list[int]
+    dst_slots: list[int]
+    # Roll back (rather than commit) pages that got pinned during the copy: every move except
+    # an explicit prefetch.
+    yield_to_pins: bool = True
+
+
+class TieredStore:
+    """Pages under caller-chosen keys in ``tiers`` (top to bottom), migrated by worker threads.
+
+    The store owns the tiers: :meth:`close` closes them. Pages found again by a recoverable
+    tier (NVMe warm restart) are adopted at construction; :meth:`keys` lists them.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[PageStore],
+        *,
+        high_watermark: float = 0.90,
+        low_watermark: float = 0.80,
+        migration_threads: int = 2,
+        policy: str | Sequence[str] = "lru",
+        promote_on_hit: bool = True,
+        batch_pages: int = 32,
+        io_retry_seconds: float = 1.0,
+        on_move: MoveListener | None = None,
+        on_discard: DiscardListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not tiers:
+            raise InvalidArgument("a tiered store needs at least one tier")
+        sizes = {t.page_bytes for t in tiers}
+        if len(sizes) != 1:
+            raise InvalidArgument(f"all tiers must hold pages of one size, got {sorted(sizes)}")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"tier names must be distinct, got {names}")
+        if not (0 < low_watermark <= high_watermark <= 1):
+            raise InvalidArgument(
+                f"watermarks must satisfy 0 < low ({low_watermark}) <= high ({high_watermark}) <= 1"
+            )
+        if migration_threads <= 0 or batch_pages <= 0:
+            raise InvalidArgument(
+                f"migration_threads and batch_pages must be positive, got {migration_threads}, {batch_pages}"
+            )
+        policies = [policy] * len(tiers) if isinstance(policy, str) else list(policy)
+        if len(policies) != len(tiers):
+            raise InvalidArgument(f"{len(policies)} eviction policies given for {len(tiers)} tiers")
+        self._orders: list[EvictionOrder] = [make_order(p) for p in policies]
+        self._tiers = list(tiers)
+        self._names = names
+        self.page_bytes = sizes.pop()
+        self._high = high_watermark
+        self._low = low_watermark
+        self._promote_on_hit = promote_on_hit
+        self._batch = batch_pages
+        self._io_retry = io_retry_seconds
+        self._clock = clock
+
+        self._lock = threading.Lock()
+        self._moves_done = threading.Condition(self._lock)
+        self._entries: dict[int, _Entry] = {}
+        self._reserved: set[int] = set()
+        self._counters = [_Counters() for _ in tiers]
+        self._draining = [False] * len(tiers)
+        # Pages being copied out of each tier: their source slots still count as used until
+        # the commit, but a watermark pass must not pick replacements for them again.
+        self._leaving = [0] * len(tiers)
+        self._io_backoff_until = [0.0] * len(tiers)
+        self._hit_promotions: dict[int, None] = {}
+        self._hit_task_queued = False
+        self._rebalance_queued = False
+        self._outstanding = 0
+        self._idle = threading.Condition(self._lock)
+        self._worker_error: BaseException | None = None
+        self._move_listeners: list[MoveListener] = [on_move] if on_move else []
+        self._discard_listeners: list[DiscardListener] = [on_discard] if on_discard else []
+        self._closed = False
+
+        self._adopt_recovered()
+        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]] = queue.PriorityQueue()
+        self._sequence = itertools.count()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"tier-migrate-{i}", daemon=True)
+            for i in range(migration_threads)
+        ]
+        for worker in self._workers:
+            worker.start()
+        if any(self._over_high(i) for i in range(len(self._tiers) - 1)):
+            self.rebalance()
+
+    def _adopt_recovered(self) -> None:
+        for index, tier in enumerate(self._tiers):
+            if not isinstance(tier, Recoverable):
+                continue
+            for key, slot in sorted(tier.recovered_pages().items(), key=lambda kv: kv[1]):
+                if key in self._entries:
+                    tier.free([slot])
+                    continue
+                self._entries[key] = _Entry(key, index, slot)
+                self._orders[index].add(key, 0)
+            if self._entries:
+                logger.info("tiered store: adopted %d recovered pages from %s", len(self._entries), tier.name)
+
+    # --- listeners ---------------------------------------------------------------------------
+
+    def add_move_listener(self, listener: MoveListener) -> None:
+        with self._lock:
+            self._move_listeners.append(listener)
+
+    def add_discard_listener(self, listener: DiscardListener) -> None:
+        with self._lock:
+            self._discard_listeners.append(listener)
+
+    def _notify(self, moves: Iterable[tuple[int, int, int]], discards: Iterable[int]) -> None:
+        """Tell listeners; called with no lock held."""
+        for key, src, dst in moves:
+            for on_move in list(self._move_listeners):
+                self._call_listener(on_move, key, self._names[src], self._names[dst])
+        for key in discards:
+            for on_discard in list(self._discard_listeners):
+                self._call_listener(on_discard, key)
+
+    @staticmethod
+    def _call_listener(listener: Callable[..., None], *args: object) -> None:
+        try:
+            listener(*args)
+        except Exception:  # a broken listener must not stop migrations; it is the caller's bug
+            logger.exception("tiered store listener %r failed on %s", listener, args)
+
+    # --- lookups (lock-free) -----------------------------------------------------------------
+
+    @property
+    def tier_names(self) -> list[str]:
+        return list(self._names)
+
+    def location(self, key: int) -> str | None:
+        """The name of the tier holding ``key``, or ``None`` if it is not stored. Lock-free."""
+        entry = self._entries.get(key)
+        return None if entry is None else self._names[entry.tier]
+
+    def contains(self, key: int) -> bool:
+        return key in self._entries
+
+    __contains__ = contains
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[int]:
+        with self._lock:
+            return list(self._entries)
+
+    # --- put / get / discard -----------------------------------------------------------------
+
+    def put(self, key: int, page: torch.Tensor) -> str:
+        """Store ``page`` (1-D uint8, ``page_bytes``) under a new ``key``; the tier it went to.
+
+        Raises InvalidArgument for a key already stored, InvalidKV for a bad page,
+        CapacityError when every tier is full and nothing is evictable, TierIOError when the
+        only room is on a disk that failed (the page is then not stored). On any error the
+        store is unchanged, except that pages discarded to make room stay discarded.
+        """
+        _check_key(key)
+        check_page(page, self.page_bytes)
+        with self._lock:
+            self._check_open()
+            if key in self._entries or key in self._reserved:
+                raise InvalidArgument(f"key {key} is already stored; discard it first")
+            placed = self._reserve_for_put()
+            if placed is None:
+                raise CapacityError(
+                    f"cannot store key {key}: all {len(self._tiers)} tiers are full and every "
+                    "page is pinned or being moved"
+                )
+            tier, slot, dropped = placed
+            self._reserved.add(key)
+        self._notify((), dropped)
+        try:
+            self._tiers[tier].write(slot, page, key)
+        except BaseException:
+            with self._lock:
+                self._reserved.discard(key)
+                self._tiers[tier].free([slot])
+            raise
+        with self._lock:
+            self._reserved.discard(key)
+            self._entries[key] = _Entry(key, tier, slot)
+            self._orders[tier].add(key, 0)
+            needs_rebalance = any(self._over_high(i) for i in range(len(self._tiers) - 1))
+        if needs_rebalance:
+            self.rebalance()
+        return self._names[tier]
+
+    def _reserve_for_put(self) -> tuple[int, int, list[int]] | None:
+        """(tier, slot, discarded keys) for a new page, or None. Called under the lock."""
+        for index, tier in enumerate(self._tiers):
+            slots = tier.allocate(1)
+            if slots is not None:
+                return index, int(slots[0]), []
+        # Everything is full: discard the coldest unpinned page of the lowest tier that has one.
+        for index in range(len(self._tiers) - 1, -1, -1):
+            victims = self._discard_coldest_locked(index, 1)
+            if victims:
+                slots = self._tiers[index].allocate(1)
+                assert slots is not None, f"tier {self._names[index]} has no slot after a discard"
+                return index, int(slots[0]), victims
+        return None
+
+    def get(self, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of ``key``'s page: into ``out`` if given (1-D uint8, any device), else a new
+        host tensor. Raises NotFound for an unknown key, PageCorrupt when the page failed its
+        checksum (it is then dropped and reported to ``on_discard``), TierIOError on a disk
+        error (the page stays). A hit below the top tier queues a promotion."""
+        if out is not None:
+            check_page(out, self.page_bytes, "out")
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise NotFound(f"key {key} is not stored")
+            entry.readers += 1
+            entry.hits += 1
+            tier, slot = entry.tier, entry.slot
+            self._orders[tier].touch(key)
+            promote = self._promote_on_hit and tier > 0 and entry.pins == 0 and not entry.moving
+        try:
+            if out is None:
+                out = self._tiers[tier].read(slot)
+            else:
+                self._tiers[tier].read_batch_into([slot], [out])
+        except PageCorrupt:
+            self._drop_corrupt([entry])
+            raise
+        finally:
+            with self._lock:
+                entry.readers -= 1
+                self._collect_locked(entry)
+        if promote:
+            self._queue_hit_promotion(key)
+        return out
+
+    def discard(self, key: int) -> bool:
+        """Forget ``key`` and free its page; False if it was not stored. Raises InvalidArgument
+        for a pinned key. Caller-initiated: not reported to ``on_discard``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            if entry.pins:
+                raise InvalidArgument(f"key {key} is pinned ({entry.pins} pins); unpin it first")
+            self._remove_locked(entry)
+            self._counters[entry.tier].discards += 1
+            return True
+
+    def _remove_locked(self, entry: _Entry) -> None:
+        del self._entries[entry.key]
+        self._orders[entry.tier].remove(entry.key)
+        entry.removed = True
+        self._collect_locked(entry)
+
+    def _collect_locked(self, entry: _Entry) -> None:
+        """Free what no reader and no move needs any more."""
+        if entry.readers:
+            return
+        for tier, slot in entry.retired:
+            self._tiers[tier].free([slot])
+        entry.retired.clear()
+        if entry.removed and not entry.moving and entry.slot >= 0:
+            self._tiers[entry.tier].free([entry.slot])
+            entry.slot = -1
+
+    def _drop_corrupt(self, entries: Sequence[_Entry]) -> None:
+        dropped = []
+        with self._lock:
+            for entry in entries:
+                if self._entries.get(entry.key) is entry:
+                    self._remove_locked(entry)
+                    self._counters[entry.tier].discards += 1
+                    dropped.append(entry.key)
+        logger.error("tiered store: dropped corrupt pages %s", dropped)
+        self._notify((), dropped)
+
+    # --- pins --------------------------------------------------------------------------------
+
+    def pin(self, keys: Iterable[int]) -> None:
+        """Pin each key once (pins nest). All or nothing: NotFound if one is not stored."""
+        wanted = list(keys)
+        with self._lock:
+            missing = [k for k in wanted if k not in self._entries]
+            if missing:
+                raise NotFound(f"cannot pin keys that are not stored: {missing}")
+            for key in wanted:
+                self._entries[key].pins += 1
+
+    def unpin(self, keys: Iterable[int]) -> None:
+        """Undo one pin per key. All or nothing: InvalidArgument if a key has fewer pins."""
+        wanted = Counter(keys)
+        with self._lock:
+            short = [k for k, n in wanted.items() if k not in self._entries or self._entries[k].pins < n]
+            if short:
+                raise InvalidArgument(f"keys {short} are not pinned (as often as unpinned) or not stored")
+            for key, n in wanted.items():
+                self._entries[key].pins -= n
+        self.rebalance()
+
+    def pins(self, key: int) -> int:
+        entry = self._entries.get(key)
+        return 0 if entry is None else entry.pins
+
+    # --- explicit moves ----------------------------------------------------------------------
+
+    def prefetch(self, keys: Iterable[int]) -> Future[MoveResult]:
+        """Start promoting ``keys`` to the top tier (pinned ones too); resolves when done."""
+        wanted = list(dict.fromkeys(keys))
+        with self._lock:
+            for key in wanted:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._orders[entry.tier].touch(key)
+        return self._submit(_PRIORITY_PREFETCH, lambda: self._promote(wanted, explicit=True))
+
+    def demote(self, keys: Iterable[int]) -> Future[MoveResult]:
+        """Move unpinned ``keys`` one tier down (discarding at the bottom if it is full)."""
+        wanted = list(dict.fromkeys(keys))
+        return self._submit(_PRIORITY_DEMOTE, lambda: self._demote_keys(wanted))
+
+    def rebalance(self) -> None:
+        """Ask the workers for a watermark pass (idempotent while one is queued)."""
+        with self._lock:
+            if self._rebalance_queued or self._closed:
+                return
+            self._rebalance_queued = True
+            self._enqueue_locked(_PRIORITY_DEMOTE, self._rebalance_step)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no move is queued or running; False on timeout. Re-raises a worker's
+        unexpected error (a bug), so tests cannot miss it."""
+        with self._idle:
+            done = self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+            error = self._worker_error
+        if error is not None:
+            raise RuntimeError("a tier migration worker failed") from error
+        return done
+
+    # --- work queue --------------------------------------------------------------------------
+
+    def _submit(self, priority: int, job: Callable[[], MoveResult]) -> Future[MoveResult]:
+        future: Future[MoveResult] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(job())
+            except BaseException as exc:
+                future.set_exception(exc)
+                if not isinstance(exc, KVClusterError):
+                    raise
+
+        with self._lock:
+            self._check_open()
+            self._enqueue_locked(priority, run)
+        return future
+
+    def _enqueue_locked(self, priority: int, job: Callable[[], None]) -> None:
+        self._outstanding += 1
+        self._queue.put((priority, next(self._sequence), job))
+
+    def _work(self) -> None:
+        while True:
+            _, _, job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            except KVClusterError as exc:
+                logger.warning("tier migration failed: %s", exc)
+            except BaseException as exc:  # a bug: remember it for wait_idle/close, keep serving
+                logger.exception("tier migration worker hit an unexpected error")
+                with self._lock:
+                    self._worker_error = self._worker_error or exc
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+    def _queue_hit_promotion(self, key: int) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._hit_promotions[key] = None
+            if not self._hit_task_queued:
+                self._hit_task_queued = True
+                self._enqueue_locked(_PRIORITY_HIT, self._promote_hits)
+
+    def _promote_hits(self) -> None:
+        with self._lock:
+            self._hit_task_queued = False
+            keys = list(self._hit_promotions)
+            self._hit_promotions.clear()
+        for start in range(0, len(keys), self._batch):
+            self._promote(keys[start : start + self._batch], explicit=False)
+
+    # --- planning (under the lock) -----------------------------------------------------------
+
+    def _staying(self, index: int) -> int:
+        """Pages in tier ``index`` that are not on their way out."""
+        return self._tiers[index].num_used - self._leaving[index]
+
+    def _over_high(self, index: int) -> bool:
+        return self._staying(index) > self._high * self._tiers[index].num_slots
+
+    def _coldest_locked(
+        self, index: int, n: int, exclude: frozenset[int] = frozenset(), unread: bool = False
+    ) -> list[_Entry]:
+        """Up to ``n`` coldest pages of tier ``index`` that may leave it (unpinned, not moving;
+        with ``unread`` also without readers, so their slot is free at once)."""
+        found: list[_Entry] = []
+        if n <= 0:
+            return found
+        for key in self._orders[index].coldest():
+            entry = self._entries[key]
+            if (
+                entry.pins == 0
+                and not entry.moving
+                and not (unread and entry.readers)
+                and key not in exclude
+            ):
+                found.append(entry)
+                if len(found) == n:
+                    break
+        return found
+
+    def _discard_coldest_locked(self, index: int, n: int) -> list[int]:
+        """Discard up to ``n`` coldest evictable pages of tier ``index``; their keys."""
+        victims = self._coldest_locked(index, n, unread=True)
+        for entry in victims:
+            self._remove_locked(entry)
+            self._counters[index].discards += 1
+        if victims:
+            logger.debug("tier %s full: discarded %d pages", self._names[index], len(victims))
+        return [e.key for e in victims]
+
+    def _plan_locked(self, entries: list[_Entry], dst: int, discarded: list[int]) -> _Plan | None:
+        """Reserve slots in ``dst`` for as many of ``entries`` (one source tier) as fit.
+
+        When ``dst`` is the bottom tier and full, its coldest pages are discarded to make
+        room (their keys are appended to ``discarded``).
+        """
+        if not entries or self._clock() < self._io_backoff_until[dst]:
+            return None
+        short = len(entries) - self._tiers[dst].num_free
+        if short > 0 and dst == len(self._tiers) - 1 and dst > entries[0].tier:
+            discarded += self._discard_coldest_locked(dst, short)
+        room = min(len(entries), self._tiers[dst].num_free)
+        if room == 0:
+            if dst < len(self._tiers) - 1:
+                self._draining[dst] = True
+            return None
+        entries = entries[:room]
+        slots = self._tiers[dst].allocate(room)
+        assert slots is not None, f"tier {self._names[dst]} refused {room} free slots"
+        for entry in entries:
+            entry.moving = True
+        self._leaving[entries[0].tier] += len(entries)
+        return _Plan(entries[0].tier, dst, entries, [e.slot for e in entries], [int(s) for s in slots])
+
+    # --- moves -------------------------------------------------------------------------------
+
+    def _execute(self, plan: _Plan) -> tuple[list[int], list[int], list[int]]:
+        """Copy, then commit or roll back. Returns (moved keys, failed keys, rolled back keys)."""
+        started = self._clock()
+        corrupt: set[int] = set()
+        failed = False
+        try:
+            copy_pages(
+                self._tiers[plan.src], plan.src_slots, self._tiers[plan.dst], plan.dst_slots,
+                tags=[e.key for e in plan.entries],
+            )
+        except PagesCorrupt as exc:
+            corrupt = set(exc.slots)
+        except TierIOError as exc:
+            failed = True
+            logger.warning(
+                "move %s -> %s of %d pages failed, pages stay: %s",
+                self._names[plan.src], self._names[plan.dst], len(plan.entries), exc,
+            )
+        elapsed = self._clock() - started
+        moved: list[tuple[int, int, int]] = []
+        dropped: list[int] = []
+        rolled_back: list[int] = []
+        with self._lock:
+            demotion = plan.dst > plan.src
+            self._leaving[plan.src] -= len(plan.entries)
+            for entry, src_slot, dst_slot in zip(plan.entries, plan.src_slots, plan.dst_slots):
+                entry.moving = False
+                keep_source = (
+                    failed or src_slot in corrupt or entry.removed or (plan.yield_to_pins and entry.pins > 0)
+                )
+                if keep_source:
+                    self._tiers[plan.dst].free([dst_slot])
+                    if src_slot in corrupt and not entry.removed:
+                        self._remove_locked(entry)
+                        self._counters[plan.src].discards += 1
+                        dropped.append(entry.key)
+                    elif not failed and not entry.removed:
+                        rolled_back.append(entry.key)
+                    self._collect_locked(entry)
+                    continue
+                self._orders[plan.src].remove(entry.key)
+                self._orders[plan.dst].add(entry.key, entry.hits)
+                entry.retired.append((plan.src, src_slot))
+                entry.slot = dst_slot
+                entry.tier = plan.dst
+                self._collect_locked(entry)
+                moved.append((entry.key, plan.src, plan.dst))
+            if failed:
+                self._io_backoff_until[plan.dst] = self._clock() + self._io_retry
+            nbytes = len(moved) * self.page_bytes
+            for index in (plan.src, plan.dst):
+                self._counters[index].bytes_moved += nbytes
+                self._counters[index].move_seconds += elapsed
+            if demotion:
+                self._counters[plan.src].demotions += len(moved)
+            else:
+                self._counters[plan.dst].promotions += len(moved)
+            self._moves_done.notify_all()
+        if dropped:
+            logger.error("tiered store: dropped corrupt pages %s", dropped)
+        self._notify(moved, dropped)
+        failed_keys = [e.key for e in plan.entries] if failed else dropped
+        return [k for k, _, _ in moved], failed_keys, rolled_back
+
+    def _make_room(self, index: int, need: int, exclude: frozenset[int]) -> None:
+        """Demote from tier ``index`` (recursively below) until ``need`` slots are free there."""
+        if index >= len(self._tiers) - 1:
+            return
+        while True:
+            discarded: list[int] = []
+            with self._lock:
+                short = need - self._tiers[index].num_free
+                if short <= 0:
+                    return
+                victims = self._coldest_locked(index, min(short, self._batch), exclude)
+                plan = self._plan_locked(victims, index + 1, discarded)
+                below_full = plan is None and victims and self._tiers[index + 1].num_free == 0
+            self._notify((), discarded)
+            if plan is None:
+                if below_full:
+                    self._make_room(index + 1, min(short, self._batch), exclude)
+                    with self._lock:
+                        if self._tiers[index + 1].num_free == 0:
+                            return
+                    continue
+                return
+            moved, _, _ = self._execute(plan)
+            if not moved:
+                return
+
+    def _wait_not_moving(self, keys: Sequence[int]) -> None:
+        """Wait (under the lock) until none of ``keys`` is in the middle of a move."""
+
+        def settled() -> bool:
+            return not any((e := self._entries.get(k)) is not None and e.moving for k in keys)
+
+        self._moves_done.wait_for(settled)
+
+    def _promote(self, keys: list[int], explicit: bool) -> MoveResult:
+        moved: list[int] = []
+        failed: list[int] = []
+        skipped: list[int] = []
+        with self._lock:
+            self._wait_not_moving(keys)
+            missing = [k for k in keys if k not in self._entries]
+            already = [k for k in keys if k in self._entries and self._entries[k].tier == 0]
+            todo = [
+                k for k in keys
+                if k in self._entries and self._entries[k].tier > 0 and (explicit or self._entries[k].pins == 0)
+            ]
+            skipped += [k for k in keys if k in self._entries and k not in todo and k not in already]
+        if todo:
+            self._make_room(0, len(todo), frozenset(todo))
+        pending = todo
+        while pending:
+            discarded: list[int] = []
+            with self._lock:
+                self._wait_not_moving(pending)
+                live = [self._entries[k] for k in pending if k in self._entries and self._entries[k].tier > 0]
+                missing += [k for k in pending if k not in self._entries]
+                if not live:
+                    break
+                src = live[0].tier
+                group = [e for e in live if e.tier == src][: self._batch]
+                target = next((t for t in range(src) if self._tiers[t].num_free > 0), None)
+                plan = None if target is None else self._plan_locked(group, target, discarded)
+                if plan is not None:
+                    plan.yield_to_pins = not explicit
+                done_now = {e.key for e in group}
+            self._notify((), discarded)
+            if plan is None:
+                skipped += [e.key for e in group]
+            else:
+                ok, bad, back = self._execute(plan)
+                moved += ok
+                failed += bad
+                skipped += back + [e.key for e in group[len(plan.entries) :]]
+            pending = [k for k in pending if k not in done_now]
+        return MoveResult(tuple(moved), tuple(already), tuple(missing), tuple(skipped), tuple(failed))
+
+    def _demote_keys(self, keys: list[int]) -> MoveResult:
+        moved: list[int] = []
+        failed: list[int] = []
+        skipped: list[int] = []
+        missing: list[int] = []
+        pending = list(keys)
+        while pending:
+            discarded: list[int] = []
+            with self._lock:
+                self._wait_not_moving(pending)
+                missing += [k for k in pending if k not in self._entries]
+                live = [self._entries[k] for k in pending if k in self._entries]
+                bottom = len(self._tiers) - 1
+                skipped += [e.key for e in live if e.pins or e.tier == bottom]
+                live = [e for e in live if not e.pins and e.tier < bottom]
+                if not live:
+                    break
+                src = live[0].tier
+                group = [e for e in live if e.tier == src][: self._batch]
+                done_now = {e.key for e in group}
+                pending = [e.key for e in live if e.key not in done_now]
+                plan = self._plan_locked(group, src + 1, discarded)
+            self._notify((), discarded)
+            if plan is None:
+                skipped += [e.key for e in group]
+                continue
+            ok, bad, back = self._execute(plan)
+            moved += ok
+            failed += bad
+            skipped += back + [e.key for e in group[len(plan.entries) :]]
+        return MoveResult(tuple(moved), (), tuple(missing), tuple(skipped), tuple(failed))
+
+    def _rebalance_step(self) -> None:
+        """Plan and run one demotion batch for the lowest tier that is draining; requeue if
+        more remains so several workers drain in parallel."""
+        discarded: list[int] = []
+        plan: _Plan | None = None
+        with self._lock:
+            self._rebalance_queued = False
+            # A tier whose lower neighbour is full marks that neighbour draining; one more
+            # sweep (bottom-up) then frees room there first.
+            for _ in range(len(self._tiers)):
+                before = list(self._draining)
+                plan = self._plan_rebalance_locked(discarded)
+                if plan is not None or self._draining == before:
+                    break
+            more = plan is not None and any(self._draining)
+            if more and not self._rebalance_queued and not self._closed:
+                self._rebalance_queued = True
+                self._enqueue_locked(_PRIORITY_DEMOTE, self._rebalance_step)
+        self._notify((), discarded)
+        if plan is not None:
+            self._execute(plan)
+
+    def _plan_rebalance_locked(self, discarded: list[int]) -> _Plan | None:
+        for index in range(len(self._tiers) - 2, -1, -1):
+            tier = self._tiers[index]
+            if self._over_high(index):
+                self._draining[index] = True
+            target = int(self._low * tier.num_slots)
+            if self._draining[index] and self._staying(index) <= target:
+                self._draining[index] = False
+            if not self._draining[index]:
+                continue
+            victims = self._coldest_locked(index, min(self._batch, self._staying(index) - target))
+            plan = self._plan_locked(victims, index + 1, discarded)
+            if plan is not None:
+                return plan
+        return None
+
+    # --- stats and lifecycle -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, TierStats]:
+        """Per tier: occupancy from the tier, moves and discards counted by the store."""
+        with self._lock:
+            counters = [replace(c) for c in self._counters]
+        result = {}
+        for tier, c in zip(self._tiers, counters):
+            result[tier.name] = replace(
+                tier.stats(), demotions=c.demotions, promotions=c.promotions, discards=c.discards,
+                bytes_moved=c.bytes_moved, move_seconds=c.move_seconds,
+            )
+        return result
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgument("the tiered store is closed")
+
+    def close(self) -> None:
+        """Finish queued moves, stop the workers, close the tiers. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wait_idle_quietly()
+        for _ in self._workers:
+            self._queue.put((99, next(self._sequence), None))
+        for worker in self._workers:
+            worker.join()
+        for tier in self._tiers:
+            tier.close()
+
+    def _wait_idle_quietly(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._outstanding == 0)
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < _KEY_LIMIT:
+        raise InvalidArgument(f"keys are integers in [0, 2**63), got {key!r}")
