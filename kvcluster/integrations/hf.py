@@ -37,6 +37,7 @@ from kvcluster.errors import (
     InvalidKV,
     InvalidTokens,
     MissingDependency,
+    NodeUnavailable,
 )
 from kvcluster.model_spec import ModelSpec
 
@@ -139,7 +140,8 @@ def model_spec_from_hf(
 
 
 def _config_dtype(config: Any) -> torch.dtype | str:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # transformers 5 names it dtype and warns on reading the older torch_dtype.
+    value = getattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", None)
     return value if value is not None else "float32"
 
 
@@ -320,7 +322,8 @@ def generate(
        stored under ``namespace``, reusing the leased prefix on its node. A full cache
        (:class:`CapacityError`) is logged and leaves ``stored_tokens == 0``; the generation
        is still returned.
-    5. The lease is released, whatever happened.
+    5. The lease is released, whatever happened (a node that became unavailable is logged:
+       its leases expire on their own).
 
     The model must be in eval mode; it runs under ``torch.no_grad``. One sequence per call
     (batch size 1). ``clock`` times the phases. Raises :class:`InvalidTokens` for an empty,
@@ -383,7 +386,11 @@ def generate(
                     logger.warning("not caching %s tokens in %s: %s", len(seen), namespace, exc)
         stored_at = clock()
     finally:
-        client.release(result)
+        try:
+            client.release(result)
+        except NodeUnavailable:
+            # The node is gone, and its leases with it (or they expire): nothing to undo.
+            logger.warning("could not release the lease on node %s", result.node_id)
 
     return GenerationResult(
         tokens=generated,

@@ -16,7 +16,13 @@ import pytest
 import torch
 import transformers
 
-from kvcluster.errors import CapacityError, InvalidArgument, InvalidKV, InvalidTokens
+from kvcluster.errors import (
+    CapacityError,
+    InvalidArgument,
+    InvalidKV,
+    InvalidTokens,
+    NodeUnavailable,
+)
 from kvcluster.integrations.hf import (
     cache_from_kv,
     generate,
@@ -370,6 +376,7 @@ class RecordingClient:
     """Matches nothing; records every call; can fail a store."""
 
     store_error: Exception | None = None
+    release_error: Exception | None = None
     calls: list[str] = field(default_factory=list)
 
     def route_and_lookup(self, tokens: Any, namespace: str = "default") -> _Result:
@@ -387,6 +394,8 @@ class RecordingClient:
 
     def release(self, result: Any) -> bool:
         self.calls.append("release")
+        if self.release_error is not None:
+            raise self.release_error
         return True
 
 
@@ -432,3 +441,10 @@ def test_a_full_cluster_still_returns_the_generation(gqa_model: Any) -> None:
     result = generate(gqa_model, [1, 2, 3], client, max_new_tokens=2)
     assert result.stored_tokens == 0 and len(result.tokens) == 2
     assert client.calls == ["route_and_lookup", "fetch", "store", "release"]
+
+
+def test_a_node_lost_before_release_still_returns_the_generation(gqa_model: Any) -> None:
+    client = RecordingClient(release_error=NodeUnavailable("node-0 died"))
+    result = generate(gqa_model, [1, 2, 3], client, max_new_tokens=2)
+    assert len(result.tokens) == 2 and result.stored_tokens == 4  # prompt + first token
+    assert client.calls[-1] == "release"
