@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class HashingConfig(BaseModel):
@@ -39,6 +40,31 @@ class RegistryConfig(BaseModel):
         default=6.0, gt=0, description="A node that has not renewed within this drops out of answers."
     )
     socket_timeout_s: float = Field(default=0.5, gt=0, description="Redis socket timeout.")
+    index_stride_blocks: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="The registry indexes every n-th block of a chain (the last block of each "
+        "group of n) and answers in multiples of n blocks: 16 blocks of 16 tokens = 256-token "
+        "granularity keeps a 32K-token lookup to 128 probes. 1 indexes every block (exact).",
+    )
+    max_buffered_batches: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="How far ahead of a node's last applied batch an out-of-order batch is "
+        "buffered (by sequence number) until the gap before it is filled.",
+    )
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        # Braces would change the Redis Cluster hash tag and glob characters the SCAN patterns.
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,32}", value):
+            raise ValueError(
+                f"key_prefix must be 1-32 letters, digits, '_', '.' or '-', got {value!r}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> RegistryConfig:
@@ -72,3 +98,29 @@ class RouterConfig(BaseModel):
     virtual_nodes: int = Field(
         default=64, gt=0, description="Points per node on the consistent-hash ring of the fallback."
     )
+    free_blocks_weight: float = Field(
+        default=0.05,
+        ge=0,
+        description="How strongly a node's share of free blocks raises its score (a tie-breaker).",
+    )
+    registry_retry_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="After the registry fails, route by affinity for this long before trying it "
+        "again (doubling up to registry_retry_max_s while it stays down).",
+    )
+    registry_retry_max_s: float = Field(
+        default=10.0, gt=0, description="Longest wait between two tries of a failed registry."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RouterConfig:
+        if self.registry_retry_max_s < self.registry_retry_s:
+            raise ValueError(
+                f"registry_retry_max_s ({self.registry_retry_max_s}) must be at least "
+                f"registry_retry_s ({self.registry_retry_s})"
+            )
+        negative = {tier: w for tier, w in self.tier_weights.items() if w < 0}
+        if negative:
+            raise ValueError(f"tier weights must be >= 0, got {negative}")
+        return self

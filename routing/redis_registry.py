@@ -1,0 +1,506 @@
+"""The prefix registry on Redis: every mutation one Lua script, every lookup one round trip.
+
+Key layout (``P`` = ``key_prefix``; see ``routing/README.md`` for the reasoning)::
+
+    P:{nodes}                      hash  node id -> node record (fixed fields, see _prelude.lua)
+    P:{nodes}:incarnations         hash  incarnation id -> node id
+    P:{nodes}:next                 string counter for incarnation ids
+    P:{nodes}:pending:<node id>    hash  seq -> ops blob buffered ahead of a gap   (TTL)
+    P:f:<namespace>:{<family>}     hash  16-byte block key -> 3 bytes per holder:
+                                         u16 incarnation | u8 tier                  (TTL)
+
+A family hash holds every indexed block of the chains that share a first block, so its hash
+tag (``{<family hex>}``) puts a whole lookup in one Redis Cluster slot. Nodes are named in
+entries by a 16-bit *incarnation* id that changes with every registration: fencing a
+restarted node's old epoch is forgetting its incarnation (entries are reclaimed later by a
+sweep), and an entry costs 3 bytes per holder on top of Redis' per-field overhead.
+
+Scripts (``routing/lua``, each with a ``KEYS``/``ARGV``/return header) run through redis-py
+:class:`~redis.commands.core.Script` (EVALSHA; reloaded on NOSCRIPT, e.g. after a restart).
+Liveness is judged on the server clock: the client caches the node table (one extra round
+trip at most every ``min(heartbeat, ttl - heartbeat) / 2`` seconds) with each node's expiry
+converted to the local monotonic clock, so a node that stops renewing drops out of answers
+within ``node_ttl_s`` whatever the cache age, and ``longest_prefix`` stays ONE ``EVALSHA``.
+
+Every redis-py exception is translated at this boundary: connection problems and timeouts
+become :class:`~kvcluster.errors.RegistryUnavailable`, anything else
+:class:`~kvcluster.errors.RegistryDataError`. Thread-safety: redis-py's connection pool is
+thread-safe; the node-table cache is replaced atomically under ``self._lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from kvcluster.errors import (
+    ConfigError,
+    FencedEpoch,
+    InvalidArgument,
+    RegistryDataError,
+    RegistryUnavailable,
+)
+from routing.block_hashing import BlockHashArray
+from routing.config import RegistryConfig
+from routing.registry import (
+    DEFAULT_NAMESPACE,
+    BlockEvent,
+    EventBatch,
+    NodeInfo,
+    NodeLoad,
+    PrefixHolding,
+    PublishResult,
+    PublishStatus,
+    RegistryStats,
+    check_chain,
+    check_name,
+    check_positive_int,
+    checkpoint_slice,
+    lookup_probes,
+    validate_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+SCRIPT_NAMES = (
+    "register", "heartbeat", "nodes", "publish", "lookup", "purge", "sweep", "clear_namespace",
+    "stats",
+)
+_OP_DTYPE = np.dtype([("kind", "u1"), ("tier", "u1"), ("family", ">u2"), ("key", "V16")])
+_STATUS = {
+    1: PublishStatus.APPLIED,
+    2: PublishStatus.DUPLICATE,
+    3: PublishStatus.BUFFERED,
+    4: PublishStatus.OUT_OF_WINDOW,
+    5: PublishStatus.RESYNC,
+}
+_FENCED = 6
+_SCAN_COUNT = 200
+_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+
+
+def load_scripts() -> dict[str, str]:
+    """The Lua source of every script, each with the shared prelude prepended."""
+    folder = resources.files("routing") / "lua"
+    prelude = (folder / "_prelude.lua").read_text()
+    return {name: prelude + "\n" + (folder / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
+
+
+@contextlib.contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn redis-py exceptions into the registry's; nothing from redis-py leaks."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise RegistryUnavailable(f"redis registry unavailable during {what}: {exc}") from None
+    except redis.exceptions.RedisError as exc:
+        raise RegistryDataError(f"redis registry error during {what}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedNode:
+    epoch: int
+    incarnation: int
+    load: NodeLoad
+    age_at_fetch_s: float
+    expires_at: float  # local clock
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeTable:
+    fetched_at: float  # local clock
+    nodes: dict[str, _CachedNode]
+
+
+def parse_node_record(raw: bytes) -> tuple[int, int, int, int, NodeLoad] | None:
+    """``(epoch, incarnation, last_beat_ms, applied_through, load)`` or ``None`` if malformed."""
+    try:
+        fields = [int(x) for x in raw.decode("ascii").split()]
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if len(fields) != 8 or fields[0] != 1 or min(fields) < 0 or fields[1] < 1:
+        return None
+    _, epoch, incarnation, beat_ms, through, inflight, free, total = fields
+    if not 1 <= incarnation <= 65535:
+        return None
+    return epoch, incarnation, beat_ms, through, NodeLoad(inflight, free, total)
+
+
+class RedisPrefixRegistry:
+    """A :class:`~routing.registry.PrefixRegistry` on Redis (see the module docstring).
+
+    ``client`` overrides the connection built from ``config.url`` (tests pass fakeredis).
+    ``clock`` is the local monotonic clock the node-table cache is kept on.
+    """
+
+    def __init__(
+        self,
+        config: RegistryConfig | Mapping[str, Any],
+        *,
+        client: redis.Redis | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(config, RegistryConfig):
+            config = RegistryConfig.model_validate(dict(config))
+        self._config = config
+        if client is None:
+            if not config.url:
+                raise ConfigError("the redis registry needs registry.url (redis:// or rediss://)")
+            try:
+                client = redis.Redis.from_url(
+                    config.url,
+                    socket_timeout=config.socket_timeout_s,
+                    socket_connect_timeout=config.socket_timeout_s,
+                    # One immediate retry re-dials a pooled connection a restart broke; more
+                    # would only stall the router, which falls back to affinity instead.
+                    retry=Retry(NoBackoff(), 1),
+                )
+            except ValueError as exc:
+                raise ConfigError(f"registry.url {config.url!r} is not a valid redis URL: {exc}") from None
+        self._client = client
+        self._clock = clock
+        self._scripts: dict[str, Script] = {
+            name: client.register_script(source) for name, source in load_scripts().items()
+        }
+        prefix = config.key_prefix
+        self._nodes_key = f"{prefix}:{{nodes}}"
+        self._incarnations_key = f"{prefix}:{{nodes}}:incarnations"
+        self._counter_key = f"{prefix}:{{nodes}}:next"
+        self._family_pattern = f"{prefix}:f:*"
+        self._entry_ttl_ms = max(1, int(config.entry_ttl_s * 1000))
+        hb, ttl = config.heartbeat_interval_s, config.node_ttl_s
+        self._refresh_s = min(hb, ttl - hb) / 2
+        self._lock = threading.Lock()
+        self._table: _NodeTable | None = None
+        self._malformed = 0
+
+    @property
+    def index_stride(self) -> int:
+        return self._config.index_stride_blocks
+
+    @property
+    def config(self) -> RegistryConfig:
+        return self._config
+
+    @property
+    def malformed_skipped(self) -> int:
+        return self._malformed
+
+    # --- key names ---------------------------------------------------------------------------
+
+    def pending_key(self, node_id: str) -> str:
+        return f"{self._config.key_prefix}:{{nodes}}:pending:{node_id}"
+
+    def family_key(self, namespace: str, family: bytes) -> str:
+        """The hash of a prefix family; ``{<family hex>}`` is its Redis Cluster hash tag."""
+        return f"{self._config.key_prefix}:f:{namespace}:{{{family.hex()}}}"
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        with translate_errors(name):
+            return self._scripts[name](keys=list(keys), args=list(args))
+
+    def _count_malformed(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._malformed += n
+            logger.warning("skipped %s malformed registry entries", n)
+
+    def ping(self) -> float:
+        """Seconds of one PING round trip (a health probe; used by the benchmark)."""
+        start = time.perf_counter()
+        with translate_errors("ping"):
+            self._client.ping()
+        return time.perf_counter() - start
+
+    # --- nodes -------------------------------------------------------------------------------
+
+    def register_node(self, node_id: str, *, previous_epoch: int = 0) -> int:
+        check_name("node_id", node_id)
+        if isinstance(previous_epoch, bool) or not isinstance(previous_epoch, int) or previous_epoch < 0:
+            raise InvalidArgument(f"previous_epoch must be an integer >= 0, got {previous_epoch!r}")
+        reply = self._run(
+            "register",
+            [self._nodes_key, self._incarnations_key, self._counter_key, self.pending_key(node_id)],
+            [node_id, previous_epoch],
+        )
+        epoch, _ = _int_list(reply, 2, "register")
+        self._invalidate()
+        return epoch
+
+    def heartbeat(self, node_id: str, epoch: int, load: NodeLoad) -> bool:
+        check_name("node_id", node_id)
+        check_positive_int("epoch", epoch)
+        if not isinstance(load, NodeLoad):
+            raise InvalidArgument(f"load must be a NodeLoad, got {type(load).__name__}")
+        reply = self._run(
+            "heartbeat",
+            [self._nodes_key],
+            [node_id, epoch, load.inflight_requests, load.free_blocks, load.total_blocks],
+        )
+        values = _int_list(reply, None, "heartbeat")
+        if values[0] == -1:
+            raise FencedEpoch(f"node {node_id!r} renewed with epoch {epoch}; current is {values[1]}")
+        self._invalidate()
+        return values[0] == 1
+
+    def needs_resync(self, node_id: str, epoch: int) -> bool:
+        check_name("node_id", node_id)
+        with translate_errors("needs_resync"):
+            raw = self._client.hget(self._nodes_key, node_id)
+        parsed = parse_node_record(raw) if isinstance(raw, bytes) else None
+        return parsed is None or parsed[0] != epoch
+
+    def live_nodes(self) -> dict[str, NodeInfo]:
+        table = self._node_table()
+        now = self._clock()
+        return {
+            node_id: NodeInfo(node_id, node.epoch, node.load,
+                              node.age_at_fetch_s + (now - table.fetched_at))
+            for node_id, node in table.nodes.items()
+            if now <= node.expires_at
+        }
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._table = None
+
+    def _node_table(self) -> _NodeTable:
+        with self._lock:
+            table = self._table
+        now = self._clock()
+        if table is not None and now - table.fetched_at < self._refresh_s:
+            return table
+        reply = self._run("nodes", [self._nodes_key], [])
+        fetched_at = self._clock()
+        if not isinstance(reply, list) or len(reply) % 2 != 1 or not isinstance(reply[0], int):
+            raise RegistryDataError(f"nodes script returned {reply!r:.80}")
+        server_ms = reply[0]
+        ttl_ms = self._config.node_ttl_s * 1000
+        nodes: dict[str, _CachedNode] = {}
+        bad = 0
+        for raw_id, raw in zip(reply[1::2], reply[2::2]):
+            parsed = parse_node_record(raw) if isinstance(raw, bytes) else None
+            try:
+                node_id = raw_id.decode()
+            except (AttributeError, UnicodeDecodeError):
+                parsed = None
+            if parsed is None:
+                bad += 1
+                continue
+            epoch, incarnation, beat_ms, _, load = parsed
+            age_ms = max(0, server_ms - beat_ms)
+            nodes[node_id] = _CachedNode(
+                epoch, incarnation, load, age_ms / 1000, fetched_at + (ttl_ms - age_ms) / 1000
+            )
+        self._count_malformed(bad)
+        table = _NodeTable(fetched_at, nodes)
+        with self._lock:
+            self._table = table
+        return table
+
+    def purge_node(self, node_id: str) -> bool:
+        check_name("node_id", node_id)
+        reply = self._run(
+            "purge", [self._nodes_key, self._incarnations_key, self.pending_key(node_id)], [node_id]
+        )
+        self._invalidate()
+        if reply == 1:
+            self.sweep()
+        return reply == 1
+
+    def sweep(self) -> int:
+        """Reclaim entries of forgotten incarnations and drop malformed ones (bounded SCAN
+        steps, each one script). Returns the records removed."""
+        cursor: bytes | str = "0"
+        removed = 0
+        while True:
+            reply = self._run(
+                "sweep", [self._incarnations_key], [cursor, self._family_pattern, _SCAN_COUNT]
+            )
+            if not isinstance(reply, list) or len(reply) != 4:
+                raise RegistryDataError(f"sweep script returned {reply!r:.80}")
+            cursor = reply[0]
+            removed += int(reply[1])
+            self._count_malformed(int(reply[2]) + int(reply[3]))
+            if cursor in (b"0", "0"):
+                return removed
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _publish_call(self, batch: EventBatch) -> tuple[list[str], list[Any]]:
+        families, blob = encode_ops(batch.events, self.index_stride, self.family_key)
+        keys = [self._nodes_key, self.pending_key(batch.node_id), *families]
+        args = [batch.node_id, batch.epoch, batch.seq, self._entry_ttl_ms,
+                self._config.max_buffered_batches, blob]
+        return keys, args
+
+    def publish(self, batch: EventBatch) -> PublishResult:
+        validate_batch(batch)
+        keys, args = self._publish_call(batch)
+        return self._publish_result(batch, self._run("publish", keys, args))
+
+    def publish_many(self, batches: Sequence[EventBatch]) -> list[PublishResult]:
+        """Publish in order in one pipelined round trip (each batch still one script)."""
+        calls = []
+        for batch in batches:
+            validate_batch(batch)
+            calls.append(self._publish_call(batch))
+        if not calls:
+            return []
+        script = self._scripts["publish"]
+        with translate_errors("publish_many"):
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in calls:
+                script(keys=keys, args=args, client=pipe)
+            replies = pipe.execute()
+        return [self._publish_result(b, r) for b, r in zip(batches, replies)]
+
+    @staticmethod
+    def _publish_result(batch: EventBatch, reply: Any) -> PublishResult:
+        status, through, applied, current = _int_list(reply, 4, "publish")
+        if status == _FENCED:
+            raise FencedEpoch(
+                f"node {batch.node_id!r} published with epoch {batch.epoch}; current is {current}"
+            )
+        if status not in _STATUS:
+            raise RegistryDataError(f"publish script returned unknown status {status}")
+        return PublishResult(_STATUS[status], through, applied)
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def longest_prefix(
+        self, hashes: BlockHashArray, namespace: str = DEFAULT_NAMESPACE
+    ) -> dict[str, PrefixHolding]:
+        chain = check_chain(hashes)
+        check_name("namespace", namespace)
+        stride = self.index_stride
+        probes = lookup_probes(chain, stride)
+        if probes.size == 0:
+            return {}
+        table = self._node_table()
+        now = self._clock()
+        live = {n.incarnation: node_id for node_id, n in table.nodes.items() if now <= n.expires_at}
+        if not live:
+            return {}
+        live_blob = np.fromiter(live, dtype=">u2", count=len(live)).tobytes()
+        reply = self._run(
+            "lookup", [self.family_key(namespace, chain[0].tobytes())], [probes.tobytes(), live_blob]
+        )
+        values = _int_list(reply, None, "lookup")
+        if (len(values) - 1) % 5:
+            raise RegistryDataError(f"lookup script returned {len(values)} values")
+        self._count_malformed(values[0])
+        out: dict[str, PrefixHolding] = {}
+        for i in range(1, len(values), 5):
+            incarnation, count, gpu, cpu, nvme = values[i : i + 5]
+            node_id = live.get(incarnation)
+            if node_id is None or count <= 0 or gpu + cpu + nvme != count:
+                self._count_malformed(1)
+                continue
+            out[node_id] = PrefixHolding(count * stride, gpu * stride, cpu * stride, nvme * stride)
+        return out
+
+    # --- maintenance -------------------------------------------------------------------------
+
+    def clear_namespace(self, namespace: str) -> int:
+        check_name("namespace", namespace)
+        pattern = f"{self._config.key_prefix}:f:{namespace}:{{*"
+        cursor: bytes | str = "0"
+        deleted = 0
+        while True:
+            reply = self._run("clear_namespace", [], [cursor, pattern, _SCAN_COUNT])
+            if not isinstance(reply, list) or len(reply) != 2:
+                raise RegistryDataError(f"clear_namespace script returned {reply!r:.80}")
+            cursor, deleted = reply[0], deleted + int(reply[1])
+            if cursor in (b"0", "0"):
+                return deleted
+
+    def stats(self) -> RegistryStats:
+        cursor: bytes | str = "0"
+        totals = [0, 0, 0, 0, 0]
+        supported = True
+        while True:
+            reply = self._run("stats", [], [cursor, self._family_pattern, _SCAN_COUNT])
+            if not isinstance(reply, list) or len(reply) != 7:
+                raise RegistryDataError(f"stats script returned {reply!r:.80}")
+            cursor = reply[0]
+            for i in range(5):
+                totals[i] += int(reply[i + 1])
+            supported = supported and reply[6] == 1
+            if cursor in (b"0", "0"):
+                break
+        families, blocks, entries, size, malformed = totals
+        self._count_malformed(malformed)
+        self._invalidate()
+        table = self._node_table()
+        now = self._clock()
+        live = sum(1 for n in table.nodes.values() if now <= n.expires_at)
+        return RegistryStats(len(table.nodes), live, families, blocks, entries,
+                             size if supported else None, self._malformed)
+
+    def used_memory(self) -> int:
+        """The server's ``used_memory`` (INFO memory), for whole-server measurements."""
+        with translate_errors("info"):
+            return int(self._client.info("memory")["used_memory"])
+
+    def close(self) -> None:
+        with translate_errors("close"):
+            self._client.close()
+
+
+def encode_ops(
+    events: Sequence[BlockEvent], stride: int, family_key: Callable[[str, bytes], str]
+) -> tuple[list[str], bytes]:
+    """The family keys and the fixed-field ops blob of ``events`` (format: publish.lua)."""
+    names: dict[str, int] = {}
+    chunks: list[bytes] = []
+    count = 0
+    for event in events:
+        keys = event.hashes[checkpoint_slice(event.first_position, stride)]
+        if keys.size == 0:
+            continue
+        name = family_key(event.namespace, event.family)
+        index = names.setdefault(name, len(names))
+        ops = np.empty(keys.size, dtype=_OP_DTYPE)
+        ops["kind"] = event.kind.value
+        ops["tier"] = 0 if event.tier is None else int(event.tier)
+        ops["family"] = index
+        ops["key"] = keys
+        chunks.append(ops.tobytes())
+        count += keys.size
+    if len(names) > 0xFFFF or count > 0xFFFFFFFF:
+        raise InvalidArgument(f"a batch may name at most 65535 families ({len(names)} given)")
+    header = [b"\x01", len(names).to_bytes(2, "big")]
+    for name in names:
+        encoded = name.encode()
+        header.append(len(encoded).to_bytes(2, "big") + encoded)
+    header.append(count.to_bytes(4, "big"))
+    return list(names), b"".join(header + chunks)
+
+
+def _int_list(reply: Any, length: int | None, what: str) -> list[int]:
+    if not isinstance(reply, list) or not all(isinstance(v, int) for v in reply) or (
+        length is not None and len(reply) != length
+    ) or not reply:
+        raise RegistryDataError(f"{what} script returned an unexpected reply {reply!r:.80}")
+    return reply
