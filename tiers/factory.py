@@ -59,19 +59,18 @@ class MachineProbe:
     def disk_free(self, path: Path) -> int:
         return shutil.disk_usage(path).free
 
+    def unwritable_reason(self, directory: Path) -> str | None:
+        """``None`` if a file can be created in ``directory``, else why not."""
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".kvcluster-write-probe-"):
+                pass
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
+
 
 def _gib(n: float) -> str:
     return f"{n / _GIB:.2f} GiB ({int(n)} bytes)"
-
-
-def _check_writable(directory: Path) -> str | None:
-    """``None`` if a file can be created in ``directory``, else why not."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".kvcluster-write-probe-"):
-            pass
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
 
 
 def build_tiered_store(
@@ -191,7 +190,7 @@ def _check_nvme(
         if not path.is_dir():
             problems.append(f"tiers.nvme.paths: {raw!r} is not a directory")
             continue
-        reason = _check_writable(path)
+        reason = machine.unwritable_reason(path)
         if reason is not None:
             problems.append(f"tiers.nvme.paths: {raw!r} is not writable ({reason})")
             continue

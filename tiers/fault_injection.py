@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from kvcluster.errors import InvalidArgument
 from tiers.nvme_file_io import Buffer, FileIO
 
-_OPERATIONS = ("pwritev", "preadv", "append", "fsync", "fdatasync")
+_OPERATIONS = ("open", "pwritev", "preadv", "append", "fsync", "fdatasync")
 
 
 @dataclass(slots=True)
@@ -69,6 +69,7 @@ class FaultInjectingFileIO:
         raise OSError(code, f"{os.strerror(code)} (injected into {operation})")
 
     def open(self, path: str, flags: int, mode: int) -> int:
+        self._check("open")
         return self._inner.open(path, flags, mode)
 
     def close(self, fd: int) -> None:

@@ -92,26 +92,30 @@ logger = logging.getLogger(__name__)
 
 DirectMode = Literal["auto", "always", "never"]
 _UNWRITTEN, _WRITTEN, _CORRUPT = 0, 1, 2
+_DEL_FLUSH_THRESHOLD = 256
 _INT64_MAX = 2**63 - 1
 
 
-def probe_o_direct(directory: Path) -> str | None:
+def probe_o_direct(directory: Path, file_io: FileIO | None = None) -> str | None:
     """``None`` if an aligned ``O_DIRECT`` write and read work in ``directory``, else why not."""
     if not hasattr(os, "O_DIRECT"):
         return "this platform has no O_DIRECT"
+    io = file_io if file_io is not None else PosixFileIO()
     probe = directory / f".kvcluster-odirect-probe-{os.getpid()}-{threading.get_ident()}"
     buffer = _aligned_array(ALIGN)
     try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        fd = io.open(str(probe), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
         return f"open with O_DIRECT failed: {exc.strerror}"
     try:
-        os.pwrite(fd, buffer.data, 0)
-        os.preadv(fd, [buffer.data], 0)
+        io.pwritev(fd, [buffer.data], 0)
+        io.preadv(fd, [buffer.data], 0)
     except OSError as exc:
         return f"an aligned O_DIRECT transfer failed: {exc.strerror}"
     finally:
-        os.close(fd)
+        io.close(fd)
         with contextlib.suppress(OSError):
             probe.unlink()
     return None
@@ -193,6 +197,8 @@ class NvmeTier:
         self._checksum = np.zeros(num_slots, dtype=np.uint64)
         self._tag = np.full(num_slots, NO_TAG, dtype=np.int64)
         self._next_seq = 1
+        self._pending_dels: list[tuple[int, int, int, int]] = []
+        self._flush_queued = False
         self._checksum_failures = 0
         self._io_errors = 0
         self._closed = False
@@ -226,7 +232,7 @@ class NvmeTier:
             raise InvalidArgument(f"NVMe path {str(directory)!r} is not a directory")
         direct = False
         if o_direct != "never":
-            reason = probe_o_direct(directory)
+            reason = probe_o_direct(directory, self._io)
             if reason is None:
                 direct = True
             elif o_direct == "always":
@@ -330,24 +336,36 @@ class NvmeTier:
         return self._slots.is_allocated(slot)
 
     def free(self, slots: Sequence[int] | Slots) -> None:
-        """Free ``slots`` and retire their journal records (so a restart does not revive them).
+        """Free ``slots``. In memory only, so callers may hold their own locks.
 
-        A journal that cannot be appended to is logged and counted; the slots are freed anyway.
+        Their journal records are retired lazily (``DEL`` records ride along with the next
+        append, or a background flush once many are pending, or :meth:`close`). A freed page
+        whose ``DEL`` did not reach the journal before a crash may therefore be found again
+        after the restart, with its correct bytes; a slot that was rewritten never is.
         """
         ids = as_slots(slots)
         with self._lock:
             self._slots.check_allocated(ids)
-            written = ids[self._state[ids] != _UNWRITTEN]
-            retire = [(int(s), int(self._tag[s]), int(self._seq[s]), 0) for s in written]
+            self._retire_locked(ids[self._state[ids] != _UNWRITTEN])
             self._state[ids] = _UNWRITTEN
             self._tag[ids] = NO_TAG
             self._slots.free(ids)
+            flush = len(self._pending_dels) >= _DEL_FLUSH_THRESHOLD and not self._flush_queued
+            self._flush_queued |= flush
+        if flush:
+            self._pool.submit(self._flush_retired)
+
+    def _retire_locked(self, slots: Slots) -> None:
+        self._pending_dels += [(int(s), int(self._tag[s]), int(self._seq[s]), 0) for s in slots]
+
+    def _flush_retired(self) -> None:
+        with self._lock:
+            self._flush_queued = False
         try:
-            self._journal(RecordKind.DEL, retire)
+            self._journal(RecordKind.DEL, [])
         except OSError as exc:
-            with self._lock:
-                self._io_errors += 1
-            logger.warning("tier %s: could not retire %d freed slots in the journal: %s", self.name, len(retire), exc)
+            self._count_io_error()
+            logger.warning("tier %s: could not retire freed slots in the journal: %s", self.name, exc)
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -376,19 +394,12 @@ class NvmeTier:
             self._slots.check_allocated(ids)
             if len(np.unique(ids)) != len(ids):
                 raise InvalidArgument(f"slots {ids.tolist()} repeat a slot")
-            # Until the journal says otherwise, these slots hold nothing readable; what they
-            # held before is retired first so that a failed rewrite cannot revive it.
-            overwritten = ids[self._state[ids] != _UNWRITTEN]
-            retire = [(int(s), int(self._tag[s]), int(self._seq[s]), 0) for s in overwritten]
+            # Until the journal says otherwise these slots hold nothing readable. What they held
+            # is retired; even before that reaches the journal, its header no longer matches.
+            self._retire_locked(ids[self._state[ids] != _UNWRITTEN])
             self._state[ids] = _UNWRITTEN
             first_seq = self._next_seq
             self._next_seq += len(ids)
-        if retire:
-            try:
-                self._journal(RecordKind.DEL, retire)
-            except OSError as exc:
-                self._count_io_error()
-                raise TierIOError(f"tier {self.name}: journal append failed: {exc.strerror or exc}") from None
         seqs = list(range(first_seq, first_seq + len(ids)))
         host_pages = [p if p.device.type == "cpu" else p.cpu() for p in batch]
         sums = self._transfer_write(ids, host_pages, tag_list, seqs)
@@ -413,17 +424,26 @@ class NvmeTier:
         records: Sequence[tuple[int, int, int, int]],
         then: Callable[[], None] | None = None,
     ) -> None:
-        """Append ``(slot, tag, seq, checksum)`` records to their files' journals, then ``then``."""
+        """Append ``(slot, tag, seq, checksum)`` records of ``kind``, preceded by the pending
+        ``DEL`` records, to their files' journals; then run ``then`` (see Journal.append)."""
         count = len(self._files)
+        with self._lock:
+            retired, self._pending_dels = self._pending_dels, []
         per_file: list[list[JournalRecord]] = [[] for _ in self._files]
-        for slot, tag, seq, checksum in records:
-            per_file[slot % count].append(JournalRecord(kind, slot // count, tag, seq, checksum))
+        for record_kind, batch in ((RecordKind.DEL, retired), (kind, records)):
+            for slot, tag, seq, checksum in batch:
+                per_file[slot % count].append(JournalRecord(record_kind, slot // count, tag, seq, checksum))
         touched = [i for i, recs in enumerate(per_file) if recs]
-        if not touched and then is not None:
-            then()
-        for n, index in enumerate(touched):
-            last = n == len(touched) - 1
-            self._files[index].journal.append(per_file[index], then if last else None)
+        try:
+            if not touched and then is not None:
+                then()
+            for n, index in enumerate(touched):
+                last = n == len(touched) - 1
+                self._files[index].journal.append(per_file[index], then if last else None)
+        except OSError:
+            with self._lock:  # retry the retirements with the next append
+                self._pending_dels = retired + self._pending_dels
+            raise
 
     def _transfer_write(
         self, ids: Slots, pages: Sequence[torch.Tensor], tags: list[int], seqs: list[int]
@@ -504,10 +524,8 @@ class NvmeTier:
             fresh = slots[self._state[slots] == _WRITTEN]
             self._state[fresh] = _CORRUPT
             self._checksum_failures += len(fresh)
-            retire = [(int(s), int(self._tag[s]), int(self._seq[s]), 0) for s in fresh]
+            self._retire_locked(fresh)
         logger.error("tier %s: pages in slots %s failed their checksum; dropped", self.name, fresh.tolist())
-        with contextlib.suppress(OSError):
-            self._journal(RecordKind.DEL, retire)
 
     def _transfer_read(
         self, ids: Slots, outs: Sequence[torch.Tensor | None], expected: Sequence[_Expected]
@@ -659,8 +677,10 @@ class NvmeTier:
         """Wait for I/O in flight, close the journals and files (releasing their locks)."""
         if self._closed:
             return
-        self._closed = True
         self._pool.shutdown(wait=True)
+        if self._files:
+            self._flush_retired()
+        self._closed = True
         for page_file in self._files:
             page_file.journal.close()
             with contextlib.suppress(OSError):
