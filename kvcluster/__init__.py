@@ -15,8 +15,11 @@ _LAZY = {
     "load_config": "kvcluster.config",
     "KVClusterConfig": "kvcluster.config",
     "ModelSpec": "kvcluster.model_spec",
-    "connect": "kvcluster.client",
+    "connect": "kvcluster.connection",
+    "connect_local": "kvcluster.connection",
     "deploy": "kvcluster.deploy",
+    "KVClient": "kvcluster.client",
+    "RouteResult": "kvcluster.client",
 }
 
 
@@ -27,4 +30,14 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["KVClusterConfig", "ModelSpec", "__version__", "connect", "deploy", "load_config"]
+__all__ = [
+    "KVClient",
+    "KVClusterConfig",
+    "ModelSpec",
+    "RouteResult",
+    "__version__",
+    "connect",
+    "connect_local",
+    "deploy",
+    "load_config",
+]

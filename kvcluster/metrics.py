@@ -119,16 +119,16 @@ class InstrumentedNode:
         self.metrics.stored_tokens.labels(self.node.node_id).inc(reply.new_tokens)
         return reply
 
-    def import_prefix(self, tokens: Any, payload: KVPayload, namespace: str = "default") -> StoreReply:
+    def import_prefix(self, tokens: Any, payload: KVPayload | None, namespace: str = "default") -> StoreReply:
         reply = self.node.import_prefix(tokens, payload, namespace)
         self.metrics.migrations.labels(self.node.node_id, "in").inc()
         return reply
 
-    def export_prefix(self, tokens: Any, namespace: str = "default") -> tuple[int, KVPayload | None]:
-        result = self.node.export_prefix(tokens, namespace)
-        if result[0]:
+    def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPayload | None:
+        payload = self.node.export_prefix(tokens, namespace)
+        if payload is not None:
             self.metrics.migrations.labels(self.node.node_id, "out").inc()
-        return result
+        return payload
 
     def stats(self) -> NodeStats:
         return self.node.stats()

@@ -20,6 +20,7 @@ are queued under the lock and published after it is released) or waits on tier m
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,39 +31,53 @@ import numpy.typing as npt
 import torch
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.core.kv_engine import PagedKVEngine
-from kvcluster.core.prefix_index import EvictedBlock, PrefixIndex, PrefixMatch
 from kvcluster.core.eviction import make_policy
-from kvcluster.errors import InvalidArgument, LeaseError
+from kvcluster.core.kv_engine import PagedKVEngine
+from kvcluster.core.prefix_index import PrefixIndex
+from kvcluster.core.prefix_records import EvictedBlock, Lease, PrefixMatch
+from kvcluster.core.token_input import as_token_array, check_token_range
+from kvcluster.errors import InvalidTokens, PageCorrupt
 from kvcluster.kv_payload import KVPayload
 from kvcluster.leases import LeaseTable
-from kvcluster.node_types import (
-    LookupReply,
-    NodeIdentity,
-    NodeLoad,
-    NodeStats,
-    StoreReply,
-    identity_for,
-)
+from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply, identity_for
 from kvcluster.registry_publisher import RegistryPublisher
 from kvcluster.spill_store import SpillStore
 from routing.block_hashing import BlockHasher
-from routing.registry import PrefixRegistry
+from routing.registry import BlockEvent, NodeLoad, PrefixRegistry, Tier
 
 logger = logging.getLogger(__name__)
 
 TokenArray = npt.NDArray[np.int64]
 
 
+_TIERS = {"gpu": Tier.GPU, "cpu": Tier.CPU, "nvme": Tier.NVME}
+
+
 @dataclass(slots=True)
 class _LeaseHold:
-    """What one lease pins: the device blocks of the index match and the spilled pages."""
+    """What one lease pins: the device blocks of the index match and the spilled pages.
+
+    Device blocks hold tokens ``[0, device_tokens)``; spilled pages, when there are any, hold
+    the whole blocks ``first_spilled, first_spilled + 1, ...`` up to ``matched_tokens``.
+    """
 
     tokens: TokenArray
     device_match: PrefixMatch
-    index_lease: object
+    index_lease: Lease | None
+    device_tokens: int
+    first_spilled: int
     spill_keys: list[int]
     matched_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _BlockKey:
+    """A full cached block's place in the registry: chain hash, family and depth."""
+
+    block_hash: bytes
+    family: bytes
+    position: int
+    namespace: str
 
 
 def default_device() -> torch.device:
@@ -118,10 +133,8 @@ class NodeEngine:
             salt=config.hashing.salt.encode(),
             model_fingerprint=spec.fingerprint(),
         )
-        self._spill = SpillStore.from_config(
-            config.tiers,
-            page_bytes=self._engine.pages.page_bytes,
-            node_id=node_id,
+        self._spill: SpillStore | None = SpillStore.from_config(
+            config.tiers, page_bytes=self._engine.pages.page_bytes, node_id=node_id
         )
         self._lock = threading.RLock()
         self._leases: LeaseTable[_LeaseHold] = LeaseTable(
@@ -129,8 +142,7 @@ class NodeEngine:
         )
         # Full device blocks and the chain hash of the prefix they end, so an evicted block
         # can be demoted (or unregistered) under the key the registry knows it by.
-        self._block_hashes: dict[int, tuple[bytes, str]] = {}
-        self._in_flight = 0
+        self._block_keys: dict[int, _BlockKey] = {}
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
                           "migrations_in": 0, "migrations_out": 0}
         self._publisher = RegistryPublisher(
@@ -141,11 +153,8 @@ class NodeEngine:
             announce_all=self._all_held_blocks,
             clock=clock,
         )
+        # Registering re-announces what the spill tiers recovered (warm restart).
         self._publisher.register()
-        recovered = self._spill.recovered()
-        if recovered:
-            self._publisher.stored(recovered)
-            self._publisher.flush()
         if start_background:
             self._publisher.start(maintenance=self._maintain)
 
@@ -160,8 +169,276 @@ class NodeEngine:
         return identity_for(self._config, self.node_id, self._publisher.epoch)
 
     def load(self) -> NodeLoad:
+        """Live leases stand for requests in flight: each is a prompt being served."""
         pool = self._engine.pool
-        return NodeLoad(self._in_flight, pool.num_free, pool.num_blocks)
+        return NodeLoad(len(self._leases), pool.num_free + self._index.reclaimable_blocks(), pool.num_blocks)
 
     def ping(self) -> str:
         return self.node_id
+
+    # --- data path ---------------------------------------------------------------------------
+
+    def _tokens(self, tokens: object) -> TokenArray:
+        array = as_token_array(tokens)
+        check_token_range(array, 0, self._config.model.vocab_size)
+        if array.size > self._engine.max_context:
+            raise InvalidTokens(
+                f"a prompt of {array.size} tokens exceeds max_context {self._engine.max_context}"
+            )
+        return array
+
+    def lookup(self, tokens: object, namespace: str = "default") -> LookupReply:
+        """Longest cached prefix of ``tokens`` across the device and spill tiers, leased."""
+        token_ids = self._tokens(tokens)
+        bs = self._block_size
+        with self._lock:
+            match = self._index.lookup(token_ids, namespace)
+            first_spilled = match.matched_tokens // bs
+            spill_keys: list[int] = []
+            if self._spill is not None and len(self._spill) and token_ids.size // bs > first_spilled:
+                hashes = self._hasher.hash_chain(token_ids, namespace).tolist()
+                spill_keys = self._spill.continue_chain(hashes, token_ids, first_spilled, bs, namespace)
+            if spill_keys:
+                device_tokens = first_spilled * bs
+                matched = (first_spilled + len(spill_keys)) * bs
+            else:
+                device_tokens = matched = match.matched_tokens
+            self._counters["lookup_tokens"] += int(token_ids.size)
+            if matched == 0:
+                self._counters["misses"] += 1
+                return LookupReply(self.node_id, namespace, 0, {}, None, 0.0)
+            self._counters["hits"] += 1
+            self._counters["hit_tokens"] += matched
+            index_lease = self._index.acquire(match) if match.hit else None
+            if spill_keys:
+                assert self._spill is not None
+                self._spill.pin(spill_keys)
+            hold = _LeaseHold(token_ids[:matched].copy(), match, index_lease, device_tokens,
+                              first_spilled, spill_keys, matched)
+            lease = self._leases.grant(namespace, hold)
+            tiers = {"gpu": -(-device_tokens // bs)}
+            for key in spill_keys:
+                assert self._spill is not None
+                tier = self._spill.location(key) or "cpu"
+                tiers[tier] = tiers.get(tier, 0) + 1
+        if spill_keys:
+            assert self._spill is not None
+            self._spill.prefetch(spill_keys)  # start promoting NVMe pages toward the host tier
+        return LookupReply(self.node_id, namespace, matched, tiers, lease.lease_id, self._leases.ttl_s)
+
+    def _release_hold(self, hold: _LeaseHold) -> None:
+        if hold.index_lease is not None:
+            self._index.release(hold.index_lease)
+        if hold.spill_keys and self._spill is not None:
+            self._spill.unpin(hold.spill_keys)
+
+    def release(self, lease_id: str) -> bool:
+        with self._lock:
+            return self._leases.release(lease_id)
+
+    def fetch(self, lease_id: str, namespace: str | None = None) -> KVPayload:
+        """K/V of a leased prefix, ``(layers, kv_components, tokens, heads, dim)``.
+
+        Normally ``matched_tokens`` long; shorter only if a spilled page failed its checksum
+        (it is dropped and counted, never returned), in which case the K/V ends before it.
+        """
+        with self._lock:
+            hold = self._leases.get(lease_id, namespace).hold
+            device_kv = self._engine.pages.read_tokens(
+                hold.device_match.block_ids, 0, hold.device_tokens
+            ).clone()
+        if not hold.spill_keys:
+            return KVPayload.from_tensor(device_kv)
+        parts = [device_kv, *self._read_spilled(hold.spill_keys)]
+        return KVPayload.from_tensor(torch.cat(parts, dim=2))
+
+    def _read_spilled(self, keys: list[int]) -> list[torch.Tensor]:
+        """Spilled pages as ``(L, C, block_size, H, D)`` tensors, stopping at a corrupt one."""
+        assert self._spill is not None
+        shape = self._engine.pages.page_shape
+        dtype = self._engine.pages.dtype
+        pages = []
+        for key in keys:
+            try:
+                raw = self._spill.read(key)
+            except PageCorrupt:
+                logger.warning("node %s: spilled page %d is corrupt; dropped", self.node_id, key)
+                break
+            pages.append(raw.view(dtype).reshape(shape).to(self._device))
+        return pages
+
+    def store(
+        self,
+        tokens: object,
+        payload: KVPayload | None,
+        namespace: str = "default",
+        lease_id: str | None = None,
+    ) -> StoreReply:
+        """Cache ``tokens``; ``payload`` holds the K/V of the tokens after the leased prefix
+        (all of them without a lease). Publishes the full blocks to the registry."""
+        token_ids = self._tokens(tokens)
+        kv = payload.to_tensor(self._device) if payload is not None else None
+        bs = self._block_size
+        with self._lock:
+            shared_blocks: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+            shared_tokens = 0
+            if lease_id is not None:
+                hold = self._leases.get(lease_id, namespace).hold
+                start = hold.matched_tokens
+                if token_ids.size < start or not np.array_equal(token_ids[:start], hold.tokens):
+                    raise InvalidTokens("tokens do not start with the leased prefix")
+                shared_tokens = hold.device_tokens
+                shared_blocks = hold.device_match.block_ids[: -(-shared_tokens // bs)]
+                if hold.spill_keys:
+                    # Promote: the spilled blocks become device blocks of the new sequence.
+                    spilled = self._read_spilled(hold.spill_keys)
+                    if len(spilled) < len(hold.spill_keys):
+                        raise PageCorrupt("a leased spilled page is corrupt; store the full K/V")
+                    new = [*spilled, kv] if kv is not None else spilled
+                    kv = torch.cat(new, dim=2)
+            seq = self._engine.create_sequence(
+                token_ids, kv, shared_blocks=shared_blocks, shared_tokens=shared_tokens
+            )
+            try:
+                block_table = self._engine.block_table(seq)
+                inserted = self._index.insert(token_ids, block_table, namespace)
+            finally:
+                self._engine.free(seq)
+            published = self._register_blocks(token_ids, block_table, namespace)
+        self._publisher.flush()
+        return StoreReply(self.node_id, namespace, inserted.cached_tokens + inserted.new_tokens,
+                          inserted.new_tokens, published)
+
+    def _register_blocks(self, tokens: TokenArray, block_table: npt.NDArray[np.int64],
+                         namespace: str) -> int:
+        """Remember the hash of every full block the index now holds; queue a stored event."""
+        hashes = self._hasher.hash_chain(tokens, namespace)
+        if hashes.size == 0:
+            return 0
+        family = hashes[0].tobytes()
+        held = self._engine.pool.ref_counts(block_table[: hashes.size]) > 0
+        for position, (block_id, block_hash) in enumerate(zip(block_table.tolist(), hashes.tolist(), strict=False)):
+            if held[position]:
+                self._block_keys[block_id] = _BlockKey(block_hash, family, position, namespace)
+        self._publisher.add(BlockEvent.stored(hashes, Tier.GPU, namespace=namespace))
+        return int(hashes.size)
+
+    def _on_evict(self, evicted: EvictedBlock) -> None:
+        """Demote an evicted full block to the spill tiers, or unregister it."""
+        key = self._block_keys.pop(evicted.block_id, None)
+        if key is None:
+            return  # a partial block: never registered, nothing to keep
+        tier = None
+        if self._spill is not None and evicted.end - evicted.start == self._block_size:
+            page = self._engine.pages.pages[evicted.block_id].reshape(-1).view(torch.uint8).cpu()
+            tier = self._spill.spill(
+                key.block_hash, key.namespace, evicted.tokens,
+                page, family=key.family, position=key.position,
+            )
+        if tier is None:
+            event = BlockEvent.removed([key.block_hash], first_position=key.position,
+                                       family=key.family, namespace=key.namespace)
+        else:
+            event = BlockEvent.moved([key.block_hash], _TIERS[tier], first_position=key.position,
+                                     family=key.family, namespace=key.namespace)
+        self._publisher.add(event)
+
+    # --- migration ---------------------------------------------------------------------------
+
+    def export_prefix(self, tokens: object, namespace: str = "default") -> KVPayload | None:
+        """The K/V this node holds for the longest prefix of ``tokens`` (None: nothing)."""
+        reply = self.lookup(tokens, namespace)
+        if reply.lease_id is None:
+            return None
+        try:
+            payload = self.fetch(reply.lease_id, namespace)
+        finally:
+            self.release(reply.lease_id)
+        with self._lock:
+            self._counters["migrations_out"] += 1
+        return payload
+
+    def import_prefix(self, tokens: object, payload: KVPayload | None,
+                      namespace: str = "default") -> StoreReply:
+        """Store a prefix pulled from a peer: ``payload`` covers the leading tokens."""
+        token_ids = self._tokens(tokens)
+        if payload is None:
+            return StoreReply(self.node_id, namespace, 0, 0, 0)
+        count = payload.shape[2]
+        reply = self.store(token_ids[:count], payload, namespace)
+        with self._lock:
+            self._counters["migrations_in"] += 1
+        return reply
+
+    # --- maintenance and introspection -------------------------------------------------------
+
+    def _maintain(self) -> None:
+        with self._lock:
+            self._leases.expire()
+            self._index.evict_expired()
+            self._index.enforce_memory_budget()
+        self._publisher.flush()
+
+    def _all_held_blocks(self) -> list[BlockEvent]:
+        """Stored events for every block held, for a re-announce after a registry restart."""
+        with self._lock:
+            device = list(self._block_keys.values())
+        held: list[tuple[_BlockKey, Tier]] = [(key, Tier.GPU) for key in device]
+        if self._spill is not None:
+            for record in self._spill.held():
+                held.append((_BlockKey(record.block_hash, record.family, record.position,
+                                       record.namespace), _TIERS[record.tier]))
+        return [
+            BlockEvent.stored([key.block_hash], tier, first_position=key.position,
+                              family=key.family, namespace=key.namespace)
+            for key, tier in held
+        ]
+
+    def set_registry_error_hook(self, hook: Callable[[], None] | None) -> None:
+        self._publisher.set_error_hook(hook)
+
+    def stats(self) -> NodeStats:
+        with self._lock:
+            engine = self._engine.stats()
+            cache = self._index.stats()
+            tiers = {"gpu": {"pages_used": engine.blocks_used, "pages_total": engine.blocks_total}}
+            if self._spill is not None:
+                tiers.update(self._spill.stats())
+            return NodeStats(
+                node_id=self.node_id,
+                epoch=self._publisher.epoch,
+                device=str(self._device),
+                blocks_total=engine.blocks_total,
+                blocks_free=engine.blocks_free,
+                sequences=engine.sequences,
+                leases=len(self._leases),
+                hits=self._counters["hits"],
+                misses=self._counters["misses"],
+                hit_tokens=self._counters["hit_tokens"],
+                lookup_tokens=self._counters["lookup_tokens"],
+                tiers=tiers,
+                evictions=dict(cache.evictions),
+                migrations_in=self._counters["migrations_in"],
+                migrations_out=self._counters["migrations_out"],
+                registry_errors=self._publisher.errors,
+            )
+
+    def check_invariants(self) -> None:
+        """Assert the engine, index and pool agree (tests and the load test call this)."""
+        with self._lock:
+            self._engine.check_invariants(external_refs=self._index.held_refs())
+
+    def shutdown(self) -> None:
+        """Stop the maintenance thread, release every lease, close the spill tiers."""
+        self._publisher.stop()
+        with self._lock:
+            self._leases.release_all()
+        if self._spill is not None:
+            self._spill.close()
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -48,15 +48,6 @@ def identity_for(config: KVClusterConfig, node_id: str, epoch: int) -> NodeIdent
 
 
 @dataclass(frozen=True, slots=True)
-class NodeLoad:
-    """A node's load as the router sees it."""
-
-    in_flight: int
-    free_blocks: int
-    total_blocks: int
-
-
-@dataclass(frozen=True, slots=True)
 class LookupReply:
     """What a node found for a prompt, and the lease that pins it.
 

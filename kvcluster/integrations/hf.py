@@ -255,8 +255,10 @@ def _transformers() -> Any:
 class GenerationTimings:
     """Seconds spent in each phase of one :func:`generate` call (same clock throughout).
 
-    ``ttft_s`` runs from the call's start to the first generated token being chosen: it
-    includes routing, fetching the prefix, building the cache and the prefill.
+    ``route_s`` is ``route_and_lookup``; ``fetch_s`` the fetch plus building the transformers
+    cache from it; ``prefill_s`` the model on the remaining prompt tokens and the first
+    greedy choice. ``ttft_s`` (time to first token) is their sum, from the call's start to
+    the first generated token. ``decode_s`` covers the other tokens, ``store_s`` the store.
     """
 
     route_s: float

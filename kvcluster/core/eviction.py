@@ -1,0 +1,278 @@
+"""Eviction policies of the prefix index: ``lru``, ``lfu``, ``ttl`` and their combinations.
+
+A policy orders the *unpinned* nodes of a :class:`~kvcluster.core.prefix_index.PrefixIndex`
+(every namespace: they share one block pool) so the index can ask for the next victim in O(1)
+(``lru``, ``ttl``) or O(log F) (``lfu``, F = distinct use counts), never by scanning.
+
+Why the front of the order is always a leaf
+    A use of a node is a use of its whole prefix, so the index touches a node and then each of
+    its ancestors (:meth:`EvictionPolicy.touch_path`, deepest first). An ancestor is therefore
+    always at least as recent, and at least as frequently used, as any of its descendants, and
+    it sits *behind* them in the order. The front of the order is a node without descendants:
+    a leaf. Evicting it may expose its parent, which is already in its exact place. This is how
+    the index evicts leaves first without a heap over the leaves. (Pinned nodes are not in the
+    order; a pin covers its whole prefix, so an ancestor of a pinned node is pinned too.)
+
+Policies
+    ``lru``  least recently used first. ``OrderedDict`` keyed by node: touch = ``move_to_end``,
+             victim = first key, both O(1).
+    ``lfu``  least frequently used first, least recently used among equals. One insertion-ordered
+             bucket per use count plus a min-heap of the counts present (lazily pruned): touch
+             moves a node to the next bucket in O(1) amortised, victim is O(log F).
+    ``ttl``  a node expires ``ttl_s`` seconds after its last use (injected monotonic clock). The
+             index's evictor drops expired nodes (``PrefixIndex.evict_expired``) without waiting
+             for a lookup to notice. Alone, ``ttl`` evicts for capacity in expiry order, which
+             with one TTL for all is the ``lru`` order.
+    ``lru+ttl`` / ``lfu+ttl``: expired nodes go first, oldest first; then the ``lru``/``lfu``
+             order.
+
+Concurrency: not thread-safe; the index's owner serialises every call.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+from kvcluster.core.radix_node import RadixNode
+from kvcluster.errors import InvalidArgument
+
+#: Policy names that can be combined with '+' (``lru`` and ``lfu`` exclude each other).
+POLICY_NAMES = ("lru", "lfu", "ttl")
+
+EvictionReason = Literal["capacity", "ttl", "memory_budget", "explicit"]
+#: Every reason an eviction is counted under.
+EVICTION_REASONS: tuple[EvictionReason, ...] = ("capacity", "ttl", "memory_budget", "explicit")
+
+Clock = Callable[[], float]
+
+
+def parse_policy_name(name: str) -> tuple[str, ...]:
+    """The parts of a policy name such as ``"lfu+ttl"``, validated and in canonical order.
+
+    Raises :class:`InvalidArgument` naming the bad value and listing the valid policies.
+    """
+    if not isinstance(name, str):
+        raise InvalidArgument(f"eviction policy must be a string, got {name!r}")
+    parts = [p.strip().lower() for p in name.split("+")]
+    valid = ", ".join(POLICY_NAMES)
+    unknown = [p for p in parts if p not in POLICY_NAMES]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown eviction policy {name!r} ({', '.join(repr(u) for u in unknown)}); "
+            f"valid policies: {valid}, or a combination such as 'lru+ttl'"
+        )
+    if len(set(parts)) != len(parts):
+        raise InvalidArgument(f"eviction policy {name!r} names a policy twice; valid: {valid}")
+    if "lru" in parts and "lfu" in parts:
+        raise InvalidArgument(
+            f"eviction policy {name!r}: lru and lfu cannot be combined; pick one, optionally "
+            "with ttl ('lru+ttl', 'lfu+ttl')"
+        )
+    return tuple(p for p in POLICY_NAMES if p in parts)
+
+
+def make_policy(name: str, ttl_s: float | None = None, clock: Clock = time.monotonic) -> EvictionPolicy:
+    """The policy called ``name`` (``lru``, ``lfu``, ``ttl``, ``lru+ttl``, ``lfu+ttl``).
+
+    ``ttl_s`` is required by, and only allowed with, a policy that includes ``ttl``; it must be
+    a finite number of seconds > 0. Bad values raise :class:`InvalidArgument`.
+    """
+    return EvictionPolicy(name, ttl_s=ttl_s, clock=clock)
+
+
+class EvictionPolicy:
+    """The eviction order over the unpinned nodes of one prefix index.
+
+    Contract with the index (which keeps it): every alive, unpinned, non-root node is tracked
+    exactly once; every use goes through :meth:`touch_path`; pinned nodes are untracked (their
+    ``freq``/``last_access`` are still updated by touches, so they re-enter in their place).
+    """
+
+    def __init__(self, name: str, *, ttl_s: float | None = None, clock: Clock = time.monotonic) -> None:
+        parts = parse_policy_name(name)
+        if ttl_s is not None:
+            if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not math.isfinite(ttl_s) or ttl_s <= 0:
+                raise InvalidArgument(f"ttl_s must be a finite number of seconds > 0, got {ttl_s!r}")
+            if "ttl" not in parts:
+                raise InvalidArgument(
+                    f"ttl_s={ttl_s} is set but eviction policy {name!r} does not include 'ttl'; "
+                    f"use '{'+'.join((*parts, 'ttl'))}'"
+                )
+        elif "ttl" in parts:
+            raise InvalidArgument(f"eviction policy {name!r} needs ttl_s (seconds, > 0)")
+        self.name = "+".join(parts)
+        self.ttl_s: float | None = float(ttl_s) if ttl_s is not None else None
+        self.clock = clock
+        self.uses_frequency = "lfu" in parts
+        self.uses_recency = not self.uses_frequency or self.ttl_s is not None
+        # Recency order (lru, ttl): front = least recently used. O(1) move-to-end.
+        self._recency: OrderedDict[RadixNode, None] = OrderedDict()
+        # Frequency order (lfu): count -> nodes in order of reaching that count.
+        self._buckets: dict[int, OrderedDict[RadixNode, None]] = {}
+        self._counts: list[int] = []  # min-heap of bucket counts, pruned lazily
+        self._counts_in_heap: set[int] = set()
+        self._size = 0
+        self.touch_path: Callable[[RadixNode, float], None]
+        if self.uses_frequency and self.uses_recency:
+            self.touch_path = self._touch_both
+        elif self.uses_frequency:
+            self.touch_path = self._touch_frequency
+        else:
+            self.touch_path = self._touch_recency
+
+    def __repr__(self) -> str:
+        return f"EvictionPolicy({self.name!r}, ttl_s={self.ttl_s}, tracked={self._size})"
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, node: object) -> bool:
+        if self.uses_recency:
+            return node in self._recency
+        return isinstance(node, RadixNode) and node in self._buckets.get(node.freq, ())
+
+    # --- membership ----------------------------------------------------------------------------
+
+    def track(self, node: RadixNode) -> None:
+        """Add ``node`` as the most recently used of its use count (new, split or unpinned)."""
+        if self.uses_recency:
+            self._recency[node] = None
+        if self.uses_frequency:
+            self._bucket(node.freq)[node] = None
+        self._size += 1
+
+    def track_many(self, nodes: list[RadixNode]) -> None:
+        """``track`` each of ``nodes`` in order."""
+        if self.uses_recency:
+            recency = self._recency
+            for node in nodes:
+                recency[node] = None
+        if self.uses_frequency:
+            for node in nodes:
+                self._bucket(node.freq)[node] = None
+        self._size += len(nodes)
+
+    def untrack(self, node: RadixNode) -> None:
+        """Remove ``node`` (evicted, removed or pinned). It must be tracked."""
+        if self.uses_recency:
+            del self._recency[node]
+        if self.uses_frequency:
+            bucket = self._buckets[node.freq]
+            del bucket[node]
+            if not bucket:
+                del self._buckets[node.freq]
+        self._size -= 1
+
+    # --- uses ----------------------------------------------------------------------------------
+    # ``touch_path(node, now)`` is bound in __init__ to the variant for this policy, so the hot
+    # path of a lookup pays no dispatch. Each stamps ``node`` and every ancestor below the root,
+    # deepest first (the order the leaf-first argument in the module docstring relies on).
+
+    def touch_many(self, nodes: list[RadixNode], now: float) -> None:
+        """``touch_path`` for each node in order (one call for a batch)."""
+        if self.uses_frequency:
+            touch = self.touch_path
+            for node in nodes:
+                touch(node, now)
+            return
+        move = self._recency.move_to_end
+        for node in nodes:
+            while node.parent is not None:
+                node.last_access = now
+                node.freq += 1
+                if not node.pin_count:
+                    move(node)
+                node = node.parent
+
+    def _touch_recency(self, node: RadixNode, now: float) -> None:
+        move = self._recency.move_to_end
+        while node.parent is not None:
+            node.last_access = now
+            node.freq += 1
+            if not node.pin_count:
+                move(node)
+            node = node.parent
+
+    def _touch_frequency(self, node: RadixNode, now: float) -> None:
+        buckets = self._buckets
+        while node.parent is not None:
+            node.last_access = now
+            count = node.freq
+            node.freq = count + 1
+            if not node.pin_count:
+                bucket = buckets[count]
+                del bucket[node]
+                if not bucket:
+                    del buckets[count]
+                self._bucket(count + 1)[node] = None
+            node = node.parent
+
+    def _touch_both(self, node: RadixNode, now: float) -> None:
+        move = self._recency.move_to_end
+        buckets = self._buckets
+        while node.parent is not None:
+            node.last_access = now
+            count = node.freq
+            node.freq = count + 1
+            if not node.pin_count:
+                move(node)
+                bucket = buckets[count]
+                del bucket[node]
+                if not bucket:
+                    del buckets[count]
+                self._bucket(count + 1)[node] = None
+            node = node.parent
+
+    # --- victims -------------------------------------------------------------------------------
+
+    def victim(self, now: float) -> RadixNode | None:
+        """The next node to evict for capacity (``None``: nothing tracked). Does not remove it."""
+        if self.ttl_s is not None and self.uses_frequency:
+            oldest = self.oldest()
+            if oldest is not None and self.is_expired(oldest, now):
+                return oldest
+        if self.uses_frequency:
+            return self._least_frequent()
+        return next(iter(self._recency), None)
+
+    def oldest(self) -> RadixNode | None:
+        """The least recently used tracked node (``None``: none, or no recency order kept)."""
+        return next(iter(self._recency), None)
+
+    def is_expired(self, node: RadixNode, now: float) -> bool:
+        return self.ttl_s is not None and now - node.last_access >= self.ttl_s
+
+    def order(self) -> list[RadixNode]:
+        """Every tracked node in capacity-eviction order, ignoring expiry (O(n); for tests)."""
+        if self.uses_frequency:
+            return [n for count in sorted(self._buckets) for n in self._buckets[count]]
+        return list(self._recency)
+
+    def iter_recency(self) -> Iterator[RadixNode]:
+        """Tracked nodes, least recently used first (empty for plain ``lfu``)."""
+        return iter(self._recency)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _bucket(self, count: int) -> OrderedDict[RadixNode, None]:
+        bucket = self._buckets.get(count)
+        if bucket is None:
+            bucket = self._buckets[count] = OrderedDict()
+            if count not in self._counts_in_heap:
+                heapq.heappush(self._counts, count)
+                self._counts_in_heap.add(count)
+        return bucket
+
+    def _least_frequent(self) -> RadixNode | None:
+        counts = self._counts
+        while counts:
+            bucket = self._buckets.get(counts[0])
+            if bucket:
+                return next(iter(bucket))
+            self._counts_in_heap.discard(heapq.heappop(counts))
+        return None

@@ -1,0 +1,978 @@
+"""The node-local prefix cache: a token-granular compressed radix tree over a block pool.
+
+One tree per namespace (tenant / cache salt): a lookup walks only its own namespace's tree, so
+neither a match nor a timing difference ever crosses namespaces; a namespace that does not
+exist yet is a miss. Nodes own references (``pool.incref``) on the blocks holding their tokens'
+K/V (see :mod:`kvcluster.core.radix_node` for which blocks, including a block straddling an
+edge boundary, which each node covering part of it references).
+
+Lookups
+    The prompt is turned into bytes once; each edge is compared with one ``bytes.startswith``
+    (``memcmp``) against the stored tokens, so a hit is *verified* token by token (there are no
+    hashes in the tree, a collision cannot return another prompt's K/V) and a 32K-token prompt
+    costs a few ``memcmp`` calls, not a Python loop per token. The match is token-granular: it
+    may end inside an edge and inside a block. ``lookup_many`` amortises the per-call overhead.
+
+Inserts
+    ``insert(tokens, block_ids)`` adopts the blocks of an already computed sequence (e.g. an
+    engine sequence's block table). Tokens already in the tree keep their blocks; the rest
+    becomes a new leaf (below a node, or below an edge split at the first differing token).
+    Validation first, all or nothing (``insert_many`` too, for the whole batch).
+
+Eviction (see :mod:`kvcluster.core.eviction` for the orders)
+    Only leaves whose every block is referenced by the tree alone are evicted: never a block a
+    sequence or a :class:`Lease` holds, never a pinned prefix. Evicting a leaf may expose its
+    parent as the next leaf. ``evict(n)`` is the engine's reclaimer; ``evict_expired()`` enforces
+    the TTL; a memory budget in bytes is enforced after inserts. ``on_evict`` is told about each
+    freed block before its reference is dropped so the node can spill the page to a lower tier.
+
+Pins
+    ``pin(tokens, priority=...)`` keeps a hot prefix (a system prompt) from eviction. Pinned
+    blocks may not exceed ``pin_budget_fraction`` of the pool; a pin that would exceed it
+    displaces pins of strictly lower priority if that makes room, else raises
+    :class:`PinBudgetExceeded` and changes nothing.
+
+Concurrency: not thread-safe. The owner (the node engine) serialises every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from kvcluster.core.block_pool import BlockPool
+from kvcluster.core.eviction import EVICTION_REASONS, EvictionPolicy, EvictionReason, make_policy
+from kvcluster.core.prefix_records import (
+    CacheStats,
+    EvictedBlock,
+    InsertBatchResult,
+    InsertResult,
+    Lease,
+    MatchBatch,
+    PrefixMatch,
+)
+from kvcluster.core.radix_node import ID_BYTES, RadixNode, ids_from_bytes
+from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array, check_token_range
+from kvcluster.errors import InvalidArgument, LeaseError, PinBudgetExceeded
+
+logger = logging.getLogger(__name__)
+
+Int64Array = npt.NDArray[np.int64]
+EvictionListener = Callable[[EvictedBlock], None]
+
+#: Edges shorter than this many tokens find their first mismatch by binary search over
+#: ``startswith`` (a few C calls); longer ones with one vectorised numpy comparison.
+_BISECT_TOKENS = 64
+_INT64 = np.dtype(np.int64)
+
+
+def _common_prefix(key: bytes, query: bytes, pos: int, end: int) -> int:
+    """Bytes (a multiple of 8, at least 8) that ``key`` shares with ``query[pos:end]``.
+
+    The caller knows the first token matches (it found the child by it).
+    """
+    limit = min(len(key), end - pos) // ID_BYTES
+    if limit <= _BISECT_TOKENS:
+        view = memoryview(query)
+        low, high = 1, limit
+        while low < high:
+            mid = (low + high + 1) >> 1
+            if key.startswith(view[pos : pos + mid * ID_BYTES]):
+                low = mid
+            else:
+                high = mid - 1
+        return low * ID_BYTES
+    stored = np.frombuffer(key, dtype=np.int64, count=limit)
+    given = np.frombuffer(query, dtype=np.int64, count=limit, offset=pos)
+    differs = stored != given
+    first = int(differs.argmax())
+    return (first if differs[first] else limit) * ID_BYTES
+
+
+def _descend(root: RadixNode, query: bytes, pos: int = 0, end: int | None = None) -> tuple[RadixNode, int]:
+    """Walk ``query[pos:end]`` (int64 bytes) down from ``root``.
+
+    Returns the node the longest match ends in and the byte offset in ``query`` where the
+    match ends. The node is either the one whose end the walk stopped at, or a child whose
+    edge matched only partly (``start < match < end``); the root for a miss.
+    """
+    node = root
+    if end is None:
+        end = len(query)
+    while pos < end:
+        child = node.children.get(query[pos : pos + ID_BYTES])
+        if child is None:
+            return node, pos
+        key = child.key
+        if query.startswith(key, pos, end):
+            pos += len(key)
+            node = child
+            continue
+        return child, pos + _common_prefix(key, query, pos, end)
+    return node, pos
+
+
+@dataclass(slots=True)
+class _Pin:
+    namespace: str
+    key: bytes
+    priority: int
+    seq: int
+    end: RadixNode
+    tokens: int
+
+
+class PrefixIndex:
+    """Longest-prefix index of the K/V blocks cached in one block pool.
+
+    ``block_size`` must be the pool's pages' block size. ``policy`` is an
+    :class:`EvictionPolicy` or a policy name. ``clock`` (default: the policy's, normally
+    ``time.monotonic``) stamps uses for recency and TTL. ``bytes_per_block`` lets stats report
+    bytes and is required for ``memory_budget_bytes``. ``vocab_size``, when given, bounds token
+    ids. ``on_evict`` is called for each block eviction frees, before its reference is dropped;
+    if it raises, that node stays cached and the exception propagates.
+    """
+
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        *,
+        policy: EvictionPolicy | str = "lru",
+        clock: Callable[[], float] | None = None,
+        bytes_per_block: int | None = None,
+        pin_budget_fraction: float = 0.25,
+        min_prefix_tokens: int = 0,
+        memory_budget_bytes: int | None = None,
+        on_evict: EvictionListener | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        if not isinstance(pool, BlockPool):
+            raise InvalidArgument(f"pool must be a BlockPool, got {type(pool).__name__}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise InvalidArgument(f"block_size must be a positive integer, got {block_size!r}")
+        if isinstance(policy, str):
+            policy = make_policy(policy)
+        if not isinstance(policy, EvictionPolicy):
+            raise InvalidArgument(f"policy must be an EvictionPolicy or a name, got {policy!r}")
+        if not 0.0 <= pin_budget_fraction <= 1.0:
+            raise InvalidArgument(f"pin_budget_fraction must be in [0, 1], got {pin_budget_fraction!r}")
+        if isinstance(min_prefix_tokens, bool) or not isinstance(min_prefix_tokens, int) or min_prefix_tokens < 0:
+            raise InvalidArgument(f"min_prefix_tokens must be an integer >= 0, got {min_prefix_tokens!r}")
+        if bytes_per_block is not None and (not isinstance(bytes_per_block, int) or bytes_per_block <= 0):
+            raise InvalidArgument(f"bytes_per_block must be a positive integer, got {bytes_per_block!r}")
+        if memory_budget_bytes is not None:
+            if not isinstance(memory_budget_bytes, int) or memory_budget_bytes <= 0:
+                raise InvalidArgument(f"memory_budget_bytes must be a positive integer, got {memory_budget_bytes!r}")
+            if bytes_per_block is None:
+                raise InvalidArgument("memory_budget_bytes needs bytes_per_block to count bytes")
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
+            raise InvalidArgument(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        self._pool = pool
+        self._bs = block_size
+        self._policy = policy
+        self._clock = clock if clock is not None else policy.clock
+        self._bytes_per_block = bytes_per_block
+        self._pin_budget = int(pin_budget_fraction * pool.num_blocks)
+        self._min_prefix = min_prefix_tokens
+        self._memory_budget = memory_budget_bytes
+        self._on_evict = on_evict
+        self._vocab = vocab_size
+
+        self._roots: dict[str, RadixNode] = {}
+        self._live: dict[int, RadixNode] = {}  # node_id -> node, every non-root node in a tree
+        self._next_node_id = 1
+        # Per block: references held by tree nodes, and pinned nodes covering it.
+        self._tree_refs = np.zeros(pool.num_blocks, dtype=np.int32)
+        self._pin_refs = np.zeros(pool.num_blocks, dtype=np.int32)
+        self._blocks_used = 0
+        self._pinned_blocks = 0
+        self._leases: dict[int, Lease] = {}
+        self._next_lease_id = 1
+        self._pins: dict[tuple[str, bytes], _Pin] = {}
+        self._next_pin_seq = 0
+
+        self._hits = 0
+        self._misses = 0
+        self._hit_tokens = 0
+        self._lookup_tokens = 0
+        self._inserts = 0
+        self._inserted_tokens = 0
+        self._evicted_blocks: dict[str, int] = dict.fromkeys(EVICTION_REASONS, 0)
+        self._evicted_nodes: dict[str, int] = dict.fromkeys(EVICTION_REASONS, 0)
+
+    # --- properties ----------------------------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self._bs
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._policy
+
+    @property
+    def pool(self) -> BlockPool:
+        return self._pool
+
+    @property
+    def pin_budget_blocks(self) -> int:
+        return self._pin_budget
+
+    def __len__(self) -> int:
+        """Nodes in every tree (roots excluded)."""
+        return len(self._live)
+
+    def namespaces(self) -> list[str]:
+        return list(self._roots)
+
+    # --- lookups -------------------------------------------------------------------------------
+
+    def lookup(self, tokens: TokenInput, namespace: str = "default") -> PrefixMatch:
+        """The longest cached prefix of ``tokens`` in ``namespace``; counts a hit or a miss and
+        marks the matched prefix used. :class:`InvalidTokens` for empty, non-integer or
+        out-of-range tokens, :class:`InvalidArgument` for a namespace that is not a string."""
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        array = as_token_array(tokens)
+        query = array.tobytes()
+        root = self._roots.get(namespace)
+        if root is None:
+            node, pos = None, 0
+        else:
+            node, pos = _descend(root, query)
+        matched = pos >> 3
+        if matched < self._min_prefix:
+            matched = pos = 0
+        if matched < array.size:
+            check_token_range(array, matched, self._vocab)
+        self._lookup_tokens += array.size
+        if not matched or node is None:
+            self._misses += 1
+            return PrefixMatch(namespace, 0, array.size, self._bs, b"", query)
+        self._policy.touch_path(node, self._clock())
+        self._hits += 1
+        self._hit_tokens += matched
+        return PrefixMatch(
+            namespace,
+            matched,
+            array.size,
+            self._bs,
+            node.path_blocks[: -(-matched // self._bs) * ID_BYTES],
+            query[pos:],
+            node.node_id,
+        )
+
+    def lookup_many(self, prompts: Iterable[TokenInput], namespace: str = "default") -> MatchBatch:
+        """``lookup`` for each prompt, in order, with the per-call overhead paid once.
+
+        Every prompt is validated before any is looked up: one bad prompt raises and changes
+        no counter. The matches are built lazily by the returned :class:`MatchBatch`.
+        """
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        arrays = _token_arrays(prompts, "prompt")
+        bounds = [0]
+        for array in arrays:
+            bounds.append(bounds[-1] + array.size * ID_BYTES)
+        if not arrays:
+            return MatchBatch(namespace, self._bs, b"", bounds, [], [])
+        joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        check_token_range(joined, 0, self._vocab)
+        buffer = joined.tobytes()
+        root = self._roots.get(namespace)
+        count = len(arrays)
+        if root is None:
+            self._misses += count
+            self._lookup_tokens += joined.size
+            return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count)
+        now = self._clock()
+        touch = self._policy.touch_path
+        shortest = self._min_prefix * ID_BYTES
+        positions: list[int] = []
+        nodes: list[RadixNode | None] = []
+        hits = hit_bytes = 0
+        start = 0
+        for end in bounds[1:]:
+            # _descend, inlined: this loop is the hot path of batched lookups.
+            node = root
+            pos = start
+            while pos < end:
+                child = node.children.get(buffer[pos : pos + ID_BYTES])
+                if child is None:
+                    break
+                key = child.key
+                if buffer.startswith(key, pos, end):
+                    pos += len(key)
+                    node = child
+                    continue
+                pos += _common_prefix(key, buffer, pos, end)
+                node = child
+                break
+            if pos == start or pos - start < shortest:
+                positions.append(start)
+                nodes.append(None)
+            else:
+                touch(node, now)
+                hits += 1
+                hit_bytes += pos - start
+                positions.append(pos)
+                nodes.append(node)
+            start = end
+        self._hits += hits
+        self._misses += count - hits
+        self._hit_tokens += hit_bytes >> 3
+        self._lookup_tokens += joined.size
+        return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes)
+
+    # --- leases --------------------------------------------------------------------------------
+
+    def acquire(self, match: PrefixMatch) -> Lease:
+        """Hold references on ``match``'s blocks until :meth:`release`, so they are not evicted.
+
+        :class:`LeaseError` if the match's prefix was evicted (or removed) since the lookup:
+        look up again. A miss gives an empty lease.
+        """
+        if not isinstance(match, PrefixMatch):
+            raise InvalidArgument(f"acquire takes a PrefixMatch, got {type(match).__name__}")
+        if match.matched_tokens:
+            node = self._live.get(match.anchor)
+            if node is None or node.namespace != match.namespace:
+                raise LeaseError(
+                    f"the match of {match.matched_tokens} tokens in namespace {match.namespace!r} "
+                    "is stale: its prefix left the cache after the lookup; look it up again"
+                )
+            self._pool.incref(match.block_ids)
+        lease = Lease(self._next_lease_id, match.namespace, match.matched_tokens, match.block_bytes)
+        self._next_lease_id += 1
+        self._leases[lease.lease_id] = lease
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """Drop a lease's references. :class:`LeaseError` if it was already released."""
+        if not isinstance(lease, Lease):
+            raise InvalidArgument(f"release takes a Lease, got {type(lease).__name__}")
+        held = self._leases.get(lease.lease_id)
+        if held is None or held != lease:
+            raise LeaseError(f"lease {lease.lease_id} is not held (already released?)")
+        del self._leases[lease.lease_id]
+        if lease.block_bytes:
+            self._pool.decref(lease.block_ids)
+
+    # --- inserts -------------------------------------------------------------------------------
+
+    def insert(
+        self, tokens: TokenInput, block_ids: Sequence[int] | Int64Array, namespace: str = "default"
+    ) -> InsertResult:
+        """Cache ``tokens`` whose K/V live in ``block_ids`` (``ceil(len(tokens) / block_size)``
+        allocated blocks, e.g. an engine sequence's block table).
+
+        Tokens already cached keep their blocks; the index takes one reference on each of the
+        caller's blocks that hold the new tokens (the caller keeps its own). Those blocks must
+        not already be cached for other tokens (a sequence that extends a cached prefix copies
+        its shared partial block before writing, as the engine does). Sequences shorter than
+        ``min_prefix_tokens`` are skipped. All or nothing.
+        """
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        array = as_token_array(tokens)
+        table = as_block_table(block_ids, -(-array.size // self._bs), self._pool.num_blocks)
+        self._check_allocated(table)
+        done = self._insert_validated([(array, table)], namespace)
+        return InsertResult(done.cached_tokens, done.new_tokens, done.adopted_blocks, done.splits > 0, done.skipped > 0)
+
+    def insert_many(
+        self,
+        items: Iterable[tuple[TokenInput, Sequence[int] | Int64Array]],
+        namespace: str = "default",
+    ) -> InsertBatchResult:
+        """``insert`` for each ``(tokens, block_ids)`` in order, all or nothing for the batch.
+
+        Validation and reference counting are vectorised over the whole batch. If any item is
+        invalid, or two items claim the same block for different tokens, nothing changes.
+        """
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        bs = self._bs
+        num_blocks = self._pool.num_blocks
+        batch: list[tuple[Int64Array, Int64Array]] = []
+        for i, (tokens, block_ids) in enumerate(items):
+            array = tokens
+            if type(array) is not np.ndarray or array.dtype is not _INT64 or array.ndim != 1 or not array.size:
+                array = as_token_array(tokens, f"item {i}: tokens")
+            table = block_ids
+            if (
+                type(table) is not np.ndarray
+                or table.dtype is not _INT64
+                or table.ndim != 1
+                or table.size != -(-array.size // bs)
+            ):
+                table = as_block_table(block_ids, -(-array.size // bs), num_blocks, f"item {i}: block_ids")
+            batch.append((array, table))
+        if not batch:
+            return InsertBatchResult(0, 0, 0, 0, 0, 0)
+        # Every token and every block id of the batch in one vectorised check each.
+        all_tokens = np.concatenate([a for a, _ in batch])
+        all_blocks = np.concatenate([t for _, t in batch])
+        check_token_range(all_tokens, 0, self._vocab)
+        if all_blocks.size and (all_blocks.min() < 0 or all_blocks.max() >= num_blocks):
+            bad = all_blocks[(all_blocks < 0) | (all_blocks >= num_blocks)]
+            raise InvalidArgument(f"block id {int(bad[0])} is outside the pool [0, {num_blocks})")
+        self._check_allocated(all_blocks)
+        return self._insert_validated(batch, namespace)
+
+    def _check_allocated(self, block_ids: Int64Array) -> None:
+        if block_ids.size:
+            free = self._pool.ref_counts_view()[block_ids] <= 0
+            if free.any():
+                raise InvalidArgument(
+                    f"block(s) {block_ids[free][:8].tolist()} are free; only allocated blocks can be cached"
+                )
+
+    def _insert_validated(self, batch: list[tuple[Int64Array, Int64Array]], namespace: str) -> InsertBatchResult:
+        """Insert validated items and return the totals.
+
+        The tree is changed item by item (later items see earlier ones), but references,
+        policy membership and touches are applied once at the end, after the batch-wide
+        checks, so a failed check only has the structure to undo.
+        """
+        bs = self._bs
+        now = self._clock()
+        root = self._roots.get(namespace)
+        created_root = root is None
+        if root is None:
+            root = RadixNode(b"", 0, None, b"", namespace, 0, now)
+            self._roots[namespace] = root
+        live = self._live
+        created: list[RadixNode] = []  # new leaves and split-off upper nodes, in order
+        adopted: list[bytes] = []
+        straddles: list[int] = []
+        pinned_straddles: list[int] = []
+        touched: list[RadixNode] = []
+        cached_tokens = new_tokens = splits = skipped = 0
+        min_prefix = self._min_prefix
+        next_id = self._next_node_id
+        for array, table in batch:
+            size = array.size
+            if size < min_prefix:
+                skipped += 1
+                continue
+            query = array.tobytes()
+            node, pos = _descend(root, query)
+            depth = pos >> 3
+            cached_tokens += depth
+            if depth == size:
+                if depth:
+                    touched.append(node)
+                continue
+            if depth < node.end:
+                splits += 1
+                self._next_node_id = next_id
+                parent = self._split(node, depth, now, track=False)
+                next_id = self._next_node_id
+                created.append(parent)
+                if depth % bs:
+                    block = _block_at(node.path_blocks, depth // bs)
+                    straddles.append(block)
+                    if node.pin_count:
+                        pinned_straddles.append(block)
+            else:
+                parent = node
+            low = (depth // bs) * ID_BYTES
+            own = table.tobytes()[low:]
+            leaf = RadixNode(query[pos:], depth, parent, parent.path_blocks[:low] + own, namespace, next_id, now)
+            children = parent.children
+            if children:
+                children[query[pos : pos + ID_BYTES]] = leaf
+            else:  # a leaf's children are a shared read-only empty mapping (see RadixNode)
+                parent.children = {query[pos : pos + ID_BYTES]: leaf}
+            live[next_id] = leaf
+            next_id += 1
+            created.append(leaf)
+            adopted.append(own)
+            touched.append(leaf)
+            new_tokens += size - depth
+        self._next_node_id = next_id
+
+        new_ids = ids_from_bytes(b"".join(adopted)) if adopted else np.empty(0, dtype=np.int64)
+        problem = None
+        if new_ids.size:
+            held = self._tree_refs[new_ids] > 0
+            if held.any():
+                problem = (
+                    f"block(s) {new_ids[held][:8].tolist()} already hold cached tokens; a sequence "
+                    "extending a cached prefix must copy its shared partial block before writing"
+                )
+            elif new_ids.size > 1 and np.unique(new_ids).size != new_ids.size:
+                problem = "two items of the batch claim the same block for different tokens"
+        if problem is not None:
+            self._rollback(created, tracked=False)
+            if created_root:
+                del self._roots[namespace]
+            raise InvalidArgument(problem)
+
+        if straddles:
+            refs = np.concatenate([new_ids, np.asarray(straddles, dtype=np.int64)])
+            self._pool.incref(refs)
+            np.add.at(self._tree_refs, refs, 1)
+            if pinned_straddles:
+                np.add.at(self._pin_refs, np.asarray(pinned_straddles, dtype=np.int64), 1)
+        elif new_ids.size:
+            self._pool.incref(new_ids)
+            self._tree_refs[new_ids] += 1
+        self._blocks_used += new_ids.size
+        policy = self._policy
+        policy.track_many([n for n in created if not n.pin_count])
+        policy.touch_many(touched, now)
+        self._inserts += len(batch)
+        self._inserted_tokens += new_tokens
+        if self._memory_budget is not None:
+            self.enforce_memory_budget()
+        return InsertBatchResult(len(batch), cached_tokens, new_tokens, new_ids.size, splits, skipped)
+
+    def _split(self, node: RadixNode, at: int, now: float, *, track: bool) -> RadixNode:
+        """Split ``node``'s edge at token position ``at`` (``start < at < end``); return the new
+        upper node. ``node`` keeps its identity as the lower part (matches and pins anchored on
+        it stay valid). Structure only: the caller adds the straddling block's reference, and
+        tracks the upper node in the policy unless ``track``."""
+        cut = (at - node.start) * ID_BYTES
+        node_id = self._next_node_id
+        self._next_node_id = node_id + 1
+        parent = node.parent
+        assert parent is not None, "the root has no edge to split"
+        upper = RadixNode(
+            node.key[:cut], node.start, parent, node.path_blocks[: -(-at // self._bs) * ID_BYTES], node.namespace, node_id, now
+        )
+        upper.freq = node.freq
+        upper.last_access = node.last_access
+        upper.pin_count = node.pin_count
+        parent.children[node.key[:ID_BYTES]] = upper
+        node.key = node.key[cut:]
+        node.start = at
+        node.parent = upper
+        upper.children = {node.key[:ID_BYTES]: node}
+        self._live[node_id] = upper
+        if track and not upper.pin_count:
+            self._policy.track(upper)
+        return upper
+
+    def _rollback(self, undo: list[RadixNode], *, tracked: bool) -> None:
+        """Undo the structural changes of a failed batch or pin (no reference was taken yet)."""
+        for node in reversed(undo):
+            parent = node.parent
+            assert parent is not None
+            if node.children:  # a split-off upper node: merge it back into its only child
+                (lower,) = node.children.values()
+                lower.key = node.key + lower.key
+                lower.start = node.start
+                lower.parent = parent
+                parent.children[node.key[:ID_BYTES]] = lower
+            else:
+                del parent.children[node.key[:ID_BYTES]]
+            if tracked and not node.pin_count:
+                self._policy.untrack(node)
+            del self._live[node.node_id]
+
+    # --- eviction ------------------------------------------------------------------------------
+
+    def evict(self, num_blocks: int, *, reason: EvictionReason = "capacity") -> int:
+        """Free at least ``num_blocks`` blocks by evicting unreferenced leaves in policy order;
+        return how many were freed (fewer when nothing else can be evicted).
+
+        A leaf still in use (a sequence or lease holds one of its blocks) is skipped and counts
+        as used now. This is the engine's reclaimer (``engine.set_reclaimer(index.evict)``).
+        """
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer) or num_blocks < 0:
+            raise InvalidArgument(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+        if reason not in EVICTION_REASONS:
+            raise InvalidArgument(f"unknown eviction reason {reason!r}; valid: {', '.join(EVICTION_REASONS)}")
+        policy = self._policy
+        now = self._clock()
+        freed = 0
+        skips_left = len(policy)
+        while freed < num_blocks:
+            node = policy.victim(now)
+            if node is None:
+                break
+            if self._evictable(node):
+                freed += self._drop(node, reason)
+            elif skips_left:
+                skips_left -= 1
+                policy.touch_path(node, now)
+            else:
+                break
+        return freed
+
+    def evict_expired(self) -> int:
+        """Evict every unreferenced leaf whose TTL has run out; return the blocks freed.
+
+        The evictor calls this periodically: expiry does not wait for a lookup. An expired
+        leaf still in use counts as used now (its TTL restarts). 0 without a TTL policy.
+        """
+        policy = self._policy
+        if policy.ttl_s is None:
+            return 0
+        now = self._clock()
+        freed = 0
+        skips_left = len(policy)
+        while True:
+            node = policy.oldest()
+            if node is None or not policy.is_expired(node, now):
+                break
+            if self._evictable(node):
+                freed += self._drop(node, "ttl")
+            elif skips_left:
+                skips_left -= 1
+                policy.touch_path(node, now)
+            else:
+                break
+        return freed
+
+    def enforce_memory_budget(self) -> int:
+        """Evict until the cached blocks fit ``memory_budget_bytes``; return the blocks freed."""
+        if self._memory_budget is None or self._bytes_per_block is None:
+            return 0
+        over = self._blocks_used * self._bytes_per_block - self._memory_budget
+        if over <= 0:
+            return 0
+        return self.evict(-(-over // self._bytes_per_block), reason="memory_budget")
+
+    def reclaimable_blocks(self) -> int:
+        """Blocks that eviction could return to the pool now: referenced by the tree only and
+        not pinned. An upper bound when a leaf in use sits below such blocks (not the case for
+        sequences built from lookups or leases, which hold their whole prefix). O(pool) in numpy.
+        """
+        tree = self._tree_refs
+        rc = self._pool.ref_counts_view()
+        return int(np.count_nonzero((tree > 0) & (rc == tree) & (self._pin_refs == 0)))
+
+    def remove(self, tokens: TokenInput, namespace: str = "default") -> int:
+        """Drop the cached K/V of exactly ``tokens`` that no other cached sequence shares: the
+        leaf ending at ``len(tokens)`` and every ancestor left without children, up to the first
+        shared or pinned node. Returns the blocks freed (0 if ``tokens`` does not end a leaf).
+        Blocks still held by sequences or leases stay allocated with their holders."""
+        array = as_token_array(tokens)
+        root = self._roots.get(namespace) if type(namespace) is str else None
+        if root is None:
+            return 0
+        node, pos = _descend(root, array.tobytes())
+        if pos >> 3 != array.size or node.end != array.size or node.children or node.pin_count:
+            return 0
+        freed = 0
+        current: RadixNode | None = node
+        while current is not None and current.parent is not None and not current.children and not current.pin_count:
+            parent: RadixNode | None = current.parent
+            freed += self._drop(current, "explicit")
+            current = parent
+        return freed
+
+    def clear_namespace(self, namespace: str) -> int:
+        """Drop every node and pin of ``namespace``; return the blocks freed (0 if unknown).
+        Blocks held by sequences or leases stay allocated with their holders."""
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0
+        for key in [k for k in self._pins if k[0] == namespace]:
+            self._unpin_record(self._pins.pop(key), touch=False)
+        freed = 0
+        stack = list(root.children.values())
+        order: list[RadixNode] = []
+        while stack:  # pre-order, reversed below so children go before their parent
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        for node in reversed(order):
+            freed += self._drop(node, "explicit")
+        del self._roots[namespace]
+        return freed
+
+    def _evictable(self, node: RadixNode) -> bool:
+        if node.children or node.pin_count:
+            return False
+        own = node.own_blocks(self._bs)
+        return bool(np.array_equal(self._pool.ref_counts_view()[own], self._tree_refs[own]))
+
+    def _drop(self, node: RadixNode, reason: EvictionReason) -> int:
+        """Remove leaf ``node`` from the tree and drop its references; return blocks freed."""
+        assert not node.children, f"{node} still has children"
+        bs = self._bs
+        low, high = node.own_block_range(bs)
+        own = ids_from_bytes(node.path_blocks[low * ID_BYTES : high * ID_BYTES])
+        tree = self._tree_refs
+        last_ref = tree[own] == 1
+        if self._on_evict is not None:
+            sole = last_ref & (self._pool.ref_counts_view()[own] == 1)
+            if sole.any():
+                prefix = node.path_tokens()
+                for i in np.flatnonzero(sole).tolist():
+                    index = low + i
+                    self._on_evict(
+                        EvictedBlock(
+                            node.namespace, int(own[i]), index, index * bs, min((index + 1) * bs, node.end), reason, prefix
+                        )
+                    )
+        tree[own] -= 1
+        self._blocks_used -= int(np.count_nonzero(last_ref))
+        if node.pin_count:  # only explicit removal (clear_namespace) drops pinned nodes
+            self._pin_refs[own] -= 1
+            self._pinned_blocks -= int(np.count_nonzero(self._pin_refs[own] == 0))
+        else:
+            self._policy.untrack(node)
+        freed = self._pool.decref(own).size
+        parent = node.parent
+        assert parent is not None
+        del parent.children[node.key[:ID_BYTES]]
+        del self._live[node.node_id]
+        self._evicted_blocks[reason] += freed
+        self._evicted_nodes[reason] += 1
+        return freed
+
+    # --- pins ----------------------------------------------------------------------------------
+
+    def pin(self, tokens: TokenInput, namespace: str = "default", priority: int = 0) -> int:
+        """Keep the cached prefix of ``tokens`` from eviction until :meth:`unpin`.
+
+        Returns the tokens pinned: the longest cached prefix of ``tokens`` (0: nothing cached,
+        nothing pinned). Pinning the same tokens again updates the priority. If the pinned
+        blocks would exceed the pin budget, pins of strictly lower priority are released
+        (lowest, then oldest first) when that makes room; otherwise :class:`PinBudgetExceeded`
+        and nothing changes.
+        """
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidArgument(f"priority must be an integer, got {priority!r}")
+        array = as_token_array(tokens)
+        query = array.tobytes()
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0
+        node, pos = _descend(root, query)
+        depth = pos >> 3
+        if depth == 0:
+            return 0
+        key = (namespace, query)
+        existing = self._pins.get(key)
+        if existing is not None and existing.tokens == depth:
+            existing.priority = priority
+            return depth
+        now = self._clock()
+        upper = None
+        if depth < node.end:
+            upper = self._split(node, depth, now, track=True)
+            end = upper
+        else:
+            end = node
+        displaced = self._fit_pin_budget(end, priority, replacing=existing)
+        if displaced is None:
+            if upper is not None:
+                self._rollback([upper], tracked=True)
+            raise PinBudgetExceeded(
+                f"pinning {depth} tokens in namespace {namespace!r} would exceed the pin budget of "
+                f"{self._pin_budget} blocks ({self._pinned_blocks} pinned); unpin something or "
+                "raise pin_budget_fraction"
+            )
+        if upper is not None and depth % self._bs:
+            straddle = np.array([_block_at(node.path_blocks, depth // self._bs)], dtype=np.int64)
+            self._pool.incref(straddle)
+            self._tree_refs[straddle] += 1
+            if node.pin_count:
+                self._pin_refs[straddle] += 1
+        for record in displaced:
+            logger.info("pin of %s tokens (priority %s) displaced by priority %s", record.tokens, record.priority, priority)
+            del self._pins[(record.namespace, record.key)]
+            self._unpin_record(record, touch=True)
+        if existing is not None:
+            del self._pins[key]
+            self._unpin_record(existing, touch=True)
+        for n in self._path(end):
+            if n.pin_count == 0:
+                self._policy.untrack(n)
+                own = n.own_blocks(self._bs)
+                np.add.at(self._pin_refs, own, 1)
+            n.pin_count += 1
+        self._pinned_blocks = int(np.count_nonzero(self._pin_refs))
+        self._pins[key] = _Pin(namespace, query, priority, self._next_pin_seq, end, depth)
+        self._next_pin_seq += 1
+        return depth
+
+    def unpin(self, tokens: TokenInput, namespace: str = "default") -> bool:
+        """Release the pin made with these ``tokens``; False if there is none. The prefix counts
+        as used now and becomes evictable again."""
+        array = as_token_array(tokens)
+        record = self._pins.pop((namespace, array.tobytes()), None)
+        if record is None:
+            return False
+        self._unpin_record(record, touch=True)
+        return True
+
+    def pins(self) -> list[tuple[str, int, int]]:
+        """``(namespace, pinned tokens, priority)`` of every pin, oldest first."""
+        return [(p.namespace, p.tokens, p.priority) for p in sorted(self._pins.values(), key=lambda p: p.seq)]
+
+    @staticmethod
+    def _path(node: RadixNode) -> list[RadixNode]:
+        """``node`` and its ancestors below the root, deepest first."""
+        out = []
+        current: RadixNode | None = node
+        while current is not None and current.parent is not None:
+            out.append(current)
+            current = current.parent
+        return out
+
+    def _pinned_blocks_with(self, ends: list[RadixNode]) -> int:
+        """Distinct blocks pinned if exactly the pins ending at ``ends`` were held."""
+        nodes: dict[int, RadixNode] = {}
+        for end in ends:
+            for n in self._path(end):
+                nodes[n.node_id] = n
+        if not nodes:
+            return 0
+        return int(np.unique(np.concatenate([n.own_blocks(self._bs) for n in nodes.values()])).size)
+
+    def _fit_pin_budget(self, end: RadixNode, priority: int, replacing: _Pin | None) -> list[_Pin] | None:
+        """The pins to displace so a pin ending at ``end`` fits the budget ([] if it fits as
+        is), or None if even displacing every lower-priority pin is not enough."""
+        kept = [p for p in self._pins.values() if p is not replacing]
+        if self._pinned_blocks_with([p.end for p in kept] + [end]) <= self._pin_budget:
+            return []
+        displaced: list[_Pin] = []
+        for record in sorted((p for p in kept if p.priority < priority), key=lambda p: (p.priority, p.seq)):
+            displaced.append(record)
+            kept.remove(record)
+            if self._pinned_blocks_with([p.end for p in kept] + [end]) <= self._pin_budget:
+                return displaced
+        return None
+
+    def _unpin_record(self, record: _Pin, *, touch: bool) -> None:
+        now = self._clock()
+        released = []
+        for n in self._path(record.end):
+            n.pin_count -= 1
+            if n.pin_count == 0:
+                np.subtract.at(self._pin_refs, n.own_blocks(self._bs), 1)
+                released.append(n)
+        for n in released:  # deepest first: ancestors end up behind their descendants
+            if touch:
+                n.last_access = now
+            self._policy.track(n)
+        self._pinned_blocks = int(np.count_nonzero(self._pin_refs))
+
+    # --- stats and checks ----------------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        return CacheStats(
+            hits=self._hits,
+            misses=self._misses,
+            hit_tokens=self._hit_tokens,
+            lookup_tokens=self._lookup_tokens,
+            inserts=self._inserts,
+            inserted_tokens=self._inserted_tokens,
+            evictions=dict(self._evicted_blocks),
+            evicted_nodes=dict(self._evicted_nodes),
+            blocks_used=self._blocks_used,
+            bytes_used=self._blocks_used * (self._bytes_per_block or 0),
+            pinned_blocks=self._pinned_blocks,
+            pins=len(self._pins),
+            leases=len(self._leases),
+            nodes=len(self._live),
+            namespaces=len(self._roots),
+        )
+
+    def held_refs(self) -> npt.NDArray[np.int64]:
+        """References the index holds per block (tree nodes plus leases), for
+        ``PagedKVEngine.check_invariants(external_refs=...)``."""
+        refs = self._tree_refs.astype(np.int64)
+        for lease in self._leases.values():
+            if lease.block_bytes:
+                np.add.at(refs, lease.block_ids, 1)
+        return refs
+
+    def check_invariants(self) -> None:
+        """Assert the tree, the reference counts, the pins and the policy agree (for tests)."""
+        check_index_invariants(self)
+
+
+def _token_arrays(prompts: Iterable[TokenInput], what: str) -> list[Int64Array]:
+    """Each prompt as a non-empty 1-D int64 array (int64 arrays pass through untouched)."""
+    arrays = []
+    for i, prompt in enumerate(prompts):
+        if type(prompt) is np.ndarray and prompt.dtype is _INT64 and prompt.ndim == 1 and prompt.size:
+            arrays.append(prompt)
+        else:
+            arrays.append(as_token_array(prompt, f"{what} {i}"))
+    return arrays
+
+
+def _block_at(path_blocks: bytes, index: int) -> int:
+    """Block id number ``index`` of a node's ``path_blocks``."""
+    return int.from_bytes(path_blocks[index * ID_BYTES : (index + 1) * ID_BYTES], sys.byteorder, signed=True)
+
+
+def check_index_invariants(index: PrefixIndex, *, deep: bool = True) -> None:
+    """Assert every invariant of ``index`` (O(nodes + blocks); used by the tests)."""
+    bs = index._bs
+    tree = np.zeros_like(index._tree_refs)
+    pin_refs = np.zeros_like(index._pin_refs)
+    seen: dict[int, RadixNode] = {}
+    pin_counts: dict[int, int] = {}
+    for record in index._pins.values():
+        n: RadixNode | None = record.end
+        assert record.end.node_id in index._live, f"pin of {record.tokens} tokens ends in a dead node"
+        assert record.end.end == record.tokens, "a pin does not end at its node's end"
+        while n is not None and n.parent is not None:
+            pin_counts[n.node_id] = pin_counts.get(n.node_id, 0) + 1
+            n = n.parent
+    for namespace, root in index._roots.items():
+        assert root.parent is None and root.key == b"" and root.end == 0 and root.namespace == namespace
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            for first, child in node.children.items():
+                assert child.parent is node, f"{child} has the wrong parent"
+                assert child.key and len(child.key) % ID_BYTES == 0, f"{child} has a bad key"
+                assert child.key[:ID_BYTES] == first, f"{child} is filed under the wrong first token"
+                assert child.start == node.end, f"{child} does not start where its parent ends"
+                assert child.end == child.start + len(child.key) // ID_BYTES
+                assert child.namespace == namespace
+                assert len(child.path_blocks) == -(-child.end // bs) * ID_BYTES, f"{child} path length"
+                shared = (child.start // bs) * ID_BYTES
+                assert child.path_blocks[:shared] == node.path_blocks[:shared], f"{child} path differs from parent's"
+                assert index._live.get(child.node_id) is child, f"{child} missing from the live map"
+                assert child.pin_count == pin_counts.get(child.node_id, 0), f"{child} pin count"
+                own = child.own_blocks(bs)
+                assert np.unique(own).size == own.size, f"{child} holds a block twice"
+                np.add.at(tree, own, 1)
+                if child.pin_count:
+                    np.add.at(pin_refs, own, 1)
+                seen[child.node_id] = child
+                stack.append(child)
+    assert len(seen) == len(index._live), "live map holds nodes outside the trees"
+    assert np.array_equal(tree, index._tree_refs), "tree reference counts drifted"
+    assert np.array_equal(pin_refs, index._pin_refs), "pin reference counts drifted"
+    assert index._blocks_used == int(np.count_nonzero(tree)), "blocks_used drifted"
+    assert index._pinned_blocks == int(np.count_nonzero(pin_refs)), "pinned_blocks drifted"
+    assert index._pinned_blocks <= index._pin_budget or not index._pins, "pins exceed the budget"
+    held = index.held_refs()
+    rc = index._pool.ref_counts_view()
+    assert np.all(rc >= held), "the index holds more references than the pool counts"
+    policy = index._policy
+    tracked = [n for n in seen.values() if not n.pin_count]
+    assert len(policy) == len(tracked), f"policy tracks {len(policy)} nodes, expected {len(tracked)}"
+    if deep:
+        order = policy.order()
+        assert len(order) == len(tracked) and set(map(id, order)) == set(map(id, tracked))
+        position = {id(n): i for i, n in enumerate(order)}
+        for n in order:
+            parent = n.parent
+            if parent is not None and parent.parent is not None and not parent.pin_count:
+                assert position[id(parent)] > position[id(n)], f"{parent} is ahead of its child {n}"
+        if policy.uses_recency:
+            recency = list(policy.iter_recency())
+            times = [n.last_access for n in recency]
+            assert times == sorted(times), "recency order is not sorted by last use"

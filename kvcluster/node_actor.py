@@ -1,0 +1,85 @@
+"""The body of a node actor: built inside the Ray worker from plain, serialisable arguments.
+
+Ray needs the remote methods spelled out on the class, so each one forwards to the
+instrumented :class:`NodeEngine`. All state lives in the engine; this class only wires the
+registry client, the metrics exporter and the engine together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvcluster.config import KVClusterConfig
+from kvcluster.kv_payload import KVPayload
+from kvcluster.metrics import InstrumentedNode, NodeMetrics
+from kvcluster.node_engine import NodeEngine
+from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply
+from kvcluster.registry_factory import build_registry
+from routing.registry import NodeLoad, PrefixRegistry
+
+
+class NodeActor:
+    def __init__(
+        self,
+        node_id: str,
+        config_data: dict[str, Any],
+        registry_actor: Any | None = None,
+        metrics_port: int | None = None,
+        *,
+        registry: PrefixRegistry | None = None,
+    ) -> None:
+        """``registry`` (in-process clusters only) shares one registry object among nodes;
+        otherwise one is built from the config (Redis, or a proxy to ``registry_actor``)."""
+        config = KVClusterConfig.model_validate(config_data)
+        if registry is None:
+            registry = build_registry(config.registry, registry_actor)
+        self._engine = NodeEngine(node_id, config, registry)
+        self._metrics = NodeMetrics(node_id)
+        self._node = InstrumentedNode(self._engine, self._metrics)
+        if metrics_port is not None:
+            self._metrics.serve(metrics_port)
+
+    def identity(self) -> NodeIdentity:
+        return self._engine.identity()
+
+    def ping(self) -> str:
+        return self._engine.ping()
+
+    def load(self) -> NodeLoad:
+        return self._engine.load()
+
+    def lookup(self, tokens: Any, namespace: str = "default") -> LookupReply:
+        return self._node.lookup(tokens, namespace)
+
+    def fetch(self, lease_id: str, namespace: str | None = None) -> KVPayload:
+        return self._engine.fetch(lease_id, namespace)
+
+    def store(self, tokens: Any, payload: KVPayload | None, namespace: str = "default",
+              lease_id: str | None = None) -> StoreReply:
+        return self._node.store(tokens, payload, namespace, lease_id)
+
+    def release(self, lease_id: str) -> bool:
+        return self._engine.release(lease_id)
+
+    def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPayload | None:
+        return self._node.export_prefix(tokens, namespace)
+
+    def import_prefix(self, tokens: Any, payload: KVPayload | None, namespace: str = "default") -> StoreReply:
+        return self._node.import_prefix(tokens, payload, namespace)
+
+    def stats(self) -> NodeStats:
+        return self._engine.stats()
+
+    def metrics_text(self) -> str:
+        return self._metrics.exposition()
+
+    def metrics_port(self) -> int | None:
+        return self._metrics.port
+
+    def check_invariants(self) -> bool:
+        self._engine.check_invariants()
+        return True
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+        self._metrics.close()

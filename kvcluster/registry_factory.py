@@ -1,0 +1,88 @@
+"""Build the prefix registry a config asks for: Redis, the embedded one, or a proxy to the
+embedded one running in a Ray actor (a multi-node cluster with no Redis)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from kvcluster.errors import RegistryUnavailable
+from routing.config import RegistryConfig
+from routing.memory_registry import InMemoryRegistry
+from routing.registry import PrefixRegistry
+
+
+class RemoteRegistry:
+    """A :class:`PrefixRegistry` whose backend is the ``InMemoryRegistry`` in a Ray actor.
+
+    Each call is one actor round trip. Ray failures become :class:`RegistryUnavailable`, and
+    the registry's own errors (``FencedEpoch``, ``InvalidArgument``) are re-raised as such.
+    """
+
+    def __init__(self, actor: Any, index_stride: int, timeout_s: float = 5.0) -> None:
+        self._actor = actor
+        self._timeout_s = timeout_s
+        self._stride = index_stride
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return ray.get(getattr(self._actor, method).remote(*args, **kwargs), timeout=self._timeout_s)
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            raise RegistryUnavailable(f"registry actor: {type(exc).__name__}") from None
+
+    @property
+    def index_stride(self) -> int:
+        return self._stride
+
+    def register_node(self, node_id: str, *, previous_epoch: int = 0) -> int:
+        return int(self._call("register_node", node_id, previous_epoch=previous_epoch))
+
+    def heartbeat(self, node_id: str, epoch: int, load: Any) -> bool:
+        return bool(self._call("heartbeat", node_id, epoch, load))
+
+    def needs_resync(self, node_id: str, epoch: int) -> bool:
+        return bool(self._call("needs_resync", node_id, epoch))
+
+    def publish(self, batch: Any) -> Any:
+        return self._call("publish", batch)
+
+    def publish_many(self, batches: Any) -> Any:
+        return self._call("publish_many", batches)
+
+    def longest_prefix(self, hashes: Any, namespace: str = "default") -> Any:
+        return self._call("longest_prefix", hashes, namespace)
+
+    def live_nodes(self) -> Any:
+        return self._call("live_nodes")
+
+    def purge_node(self, node_id: str) -> bool:
+        return bool(self._call("purge_node", node_id))
+
+    def clear_namespace(self, namespace: str) -> int:
+        return int(self._call("clear_namespace", namespace))
+
+    def stats(self) -> Any:
+        return self._call("stats")
+
+    def close(self) -> None:
+        """The actor outlives this proxy; nothing to close."""
+
+
+def build_registry(
+    config: RegistryConfig,
+    registry_actor: Any | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> PrefixRegistry:
+    if config.backend == "redis":
+        from routing.redis_registry import RedisPrefixRegistry
+
+        return RedisPrefixRegistry.from_config(config)
+    if registry_actor is not None:
+        return RemoteRegistry(registry_actor, config.index_stride_blocks)  # type: ignore[return-value]
+    return InMemoryRegistry(config, clock=clock)

@@ -1,0 +1,164 @@
+"""A node's side of the prefix registry: batched events, heartbeats, resync.
+
+Events (blocks stored, removed, moved to another tier) are queued by the node under its own
+lock and published here as numbered :class:`EventBatch` es after that lock is released, so no
+registry round trip ever runs inside the node's critical section.
+
+A maintenance thread renews the heartbeat every ``heartbeat_interval_s`` with the node's load.
+When the registry was unreachable (events may have been lost) or answers that it does not
+know the node (it restarted empty, or purged the node), the publisher registers a new epoch,
+which fences off everything the old one published, and re-announces every block the node
+holds, so routing recovers within one heartbeat period. Entries are also re-announced every
+``entry_ttl_s / 2`` so that live entries never expire.
+
+Registry failures never propagate to the data path: they are counted, logged once per outage,
+and repaired by the next successful resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from kvcluster.errors import FencedEpoch, RegistryUnavailable
+from routing.config import RegistryConfig
+from routing.registry import BlockEvent, EventBatch, NodeLoad, PrefixRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryPublisher:
+    def __init__(
+        self,
+        node_id: str,
+        registry: PrefixRegistry,
+        config: RegistryConfig,
+        *,
+        load: Callable[[], NodeLoad],
+        announce_all: Callable[[], list[BlockEvent]],
+        clock: Callable[[], float],
+    ) -> None:
+        self._node_id = node_id
+        self._registry = registry
+        self._config = config
+        self._load = load
+        self._announce_all = announce_all
+        self._clock = clock
+        self._lock = threading.Lock()  # guards the queue, epoch, seq and the outage flag
+        self._pending: list[BlockEvent] = []
+        self.epoch = 0
+        self._seq = 0
+        self._needs_resync = True
+        self._outage_logged = False
+        self._last_announce = clock()
+        self.errors = 0
+        self._on_error: Callable[[], None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set_error_hook(self, hook: Callable[[], None] | None) -> None:
+        self._on_error = hook
+
+    # --- registration ------------------------------------------------------------------------
+
+    def register(self) -> bool:
+        """Start a new epoch and re-announce everything; False if the registry is down."""
+        try:
+            epoch = self._registry.register_node(self._node_id, previous_epoch=self.epoch)
+        except RegistryUnavailable as exc:
+            self._failed(exc)
+            return False
+        with self._lock:
+            self.epoch = epoch
+            self._seq = 0
+            self._pending.clear()
+            self._needs_resync = False
+        self._pending_extend(self._announce_all())
+        self._last_announce = self._clock()
+        return self.flush()
+
+    # --- events ------------------------------------------------------------------------------
+
+    def add(self, event: BlockEvent) -> None:
+        with self._lock:
+            self._pending.append(event)
+
+    def _pending_extend(self, events: list[BlockEvent]) -> None:
+        with self._lock:
+            self._pending.extend(events)
+
+    def flush(self) -> bool:
+        """Publish the queued events as one batch; False (events dropped, resync scheduled)
+        when the registry cannot be reached or fenced this epoch."""
+        with self._lock:
+            if not self._pending or self._needs_resync or not self.epoch:
+                return not self._needs_resync
+            events, self._pending = tuple(self._pending), []
+            self._seq += 1
+            batch = EventBatch(self._node_id, self.epoch, self._seq, events)
+        try:
+            self._registry.publish(batch)
+        except (RegistryUnavailable, FencedEpoch) as exc:
+            self._failed(exc)
+            return False
+        self._recovered()
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        if self._on_error is not None:
+            self._on_error()
+        with self._lock:
+            self._needs_resync = True
+            self._pending.clear()
+        if not self._outage_logged:
+            logger.warning("node %s: registry unavailable (%s); will resync", self._node_id, exc)
+            self._outage_logged = True
+
+    def _recovered(self) -> None:
+        if self._outage_logged:
+            logger.warning("node %s: registry reachable again", self._node_id)
+            self._outage_logged = False
+
+    # --- maintenance -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One maintenance step: heartbeat, resync if needed, periodic re-announce, flush."""
+        if self._needs_resync or not self.epoch:
+            self.register()
+            return
+        try:
+            known = self._registry.heartbeat(self._node_id, self.epoch, self._load())
+        except (RegistryUnavailable, FencedEpoch) as exc:
+            self._failed(exc)
+            return
+        self._recovered()
+        if not known:
+            logger.warning("node %s: the registry lost this node; re-registering", self._node_id)
+            self.register()
+            return
+        if self._clock() - self._last_announce > self._config.entry_ttl_s / 2:
+            self._pending_extend(self._announce_all())
+            self._last_announce = self._clock()
+        self.flush()
+
+    def start(self, maintenance: Callable[[], None]) -> None:
+        """Run ``maintenance()`` then :meth:`tick` every heartbeat interval on a daemon thread."""
+
+        def loop() -> None:
+            while not self._stop.wait(self._config.heartbeat_interval_s):
+                try:
+                    maintenance()
+                    self.tick()
+                except Exception:  # the maintenance thread must survive any one bad tick
+                    logger.exception("node %s: maintenance tick failed", self._node_id)
+
+        self._thread = threading.Thread(target=loop, name=f"kvnode-{self._node_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

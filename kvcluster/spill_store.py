@@ -1,0 +1,228 @@
+"""Full blocks evicted from a node's device tier, kept in its host and NVMe tiers.
+
+When the prefix index evicts a full block, the node demotes its page here instead of
+dropping it, under the block's chain hash. A later lookup continues the prompt's hash chain
+past the device match: every consecutive block found here (with its tokens verified) is a
+hit on the host or NVMe tier. The :class:`~tiers.tiered_store.TieredStore` below moves pages
+host → NVMe as the host tier fills, and discards the coldest when NVMe is full.
+
+Warm restart: with NVMe enabled, each spilled block's metadata (hash, namespace, tokens) is
+appended to a small log beside the page files; on start the log is replayed against the pages
+the NVMe tier recovered, so a restarted node re-announces exactly what survived.
+
+Concurrency: ``TieredStore`` is thread-safe; the metadata map is guarded by ``_lock``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from kvcluster.errors import KVClusterError, PageCorrupt
+from tiers.config import TiersConfig
+from tiers.factory import build_tiered_store
+from tiers.tiered_store import TieredStore
+
+logger = logging.getLogger(__name__)
+
+_RECORD_HEADER = struct.Struct("<II")  # payload length, crc32 of the payload
+
+
+def _pack(key: int, record: SpilledBlock) -> bytes:
+    fields = (key, record.block_hash, record.family, record.position, record.namespace, record.tokens)
+    return msgpack.packb(fields)  # type: ignore[no-any-return]
+
+
+def tier_key(block_hash: bytes) -> int:
+    """The tier key of a block hash: its first 63 bits (tiers take keys in [0, 2**63))."""
+    return int.from_bytes(block_hash[:8], "little") >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class SpilledBlock:
+    """A spilled block: its chain hash, chain family and depth, namespace and tokens."""
+
+    block_hash: bytes
+    family: bytes
+    position: int
+    namespace: str
+    tokens: bytes  # the block's token ids, int64 native
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBlock:
+    block_hash: bytes
+    family: bytes
+    position: int
+    namespace: str
+    tier: str
+
+
+class SpillStore:
+    """Spilled pages by block hash, plus what is needed to verify and re-announce them."""
+
+    def __init__(self, store: TieredStore, meta_path: Path | None) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._blocks: dict[int, SpilledBlock] = {}
+        self._meta_path = meta_path
+        self._meta_file = None
+        self.verify_failures = 0
+        store.add_discard_listener(self._forget)
+        if meta_path is not None:
+            self._replay(meta_path)
+            self._meta_file = open(meta_path, "ab")  # noqa: SIM115 - lives as long as the store
+
+    @classmethod
+    def from_config(cls, config: TiersConfig, *, page_bytes: int, node_id: str) -> SpillStore:
+        """Host (and, when enabled, NVMe) tiers below the node's device pages."""
+        stem = f"kvcluster-{node_id}"
+        store = build_tiered_store(config, page_bytes, file_stem=stem, include_device=False)
+        meta_path = Path(config.nvme.paths[0]) / f"{stem}.blocks" if config.nvme.enabled else None
+        return cls(store, meta_path)
+
+    @property
+    def store(self) -> TieredStore:
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    # --- spilling ----------------------------------------------------------------------------
+
+    def spill(self, block_hash: bytes, namespace: str, tokens: npt.NDArray[np.int64],
+              page: torch.Tensor, *, family: bytes, position: int) -> str | None:
+        """Keep ``page`` (uint8) under ``block_hash``; the tier it landed on, or None if full."""
+        key = tier_key(block_hash)
+        record = SpilledBlock(block_hash, family, position, namespace,
+                              tokens.astype(np.int64).tobytes())
+        try:
+            tier = self._store.put(key, page)
+        except KVClusterError as exc:  # capacity or I/O: the block is simply not kept
+            logger.debug("spill of %s refused: %s", block_hash.hex(), exc)
+            return None
+        with self._lock:
+            self._blocks[key] = record
+            self._append_meta(key, record)
+        return tier
+
+    def _append_meta(self, key: int, record: SpilledBlock) -> None:
+        if self._meta_file is None:
+            return
+        payload = _pack(key, record)
+        self._meta_file.write(_RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        self._meta_file.flush()
+
+    def _replay(self, path: Path) -> None:
+        """Load the metadata log, keep the records whose page survived, compact the log."""
+        survivors = set(self._store.keys())
+        if path.exists():
+            data = path.read_bytes()
+            offset = 0
+            while offset + _RECORD_HEADER.size <= len(data):
+                length, crc = _RECORD_HEADER.unpack_from(data, offset)
+                payload = data[offset + _RECORD_HEADER.size : offset + _RECORD_HEADER.size + length]
+                if len(payload) != length or zlib.crc32(payload) != crc:
+                    break  # a torn tail from a crash: everything before it is intact
+                key, *fields = msgpack.unpackb(payload)
+                if key in survivors:
+                    self._blocks[key] = SpilledBlock(*fields)
+                offset += _RECORD_HEADER.size + length
+        orphans = survivors - self._blocks.keys()
+        for key in orphans:  # a page without metadata cannot be verified: drop it
+            self._store.discard(key)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            for key, record in self._blocks.items():
+                payload = _pack(key, record)
+                out.write(_RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        if self._blocks:
+            logger.info("spill store: recovered %d block(s) from %s", len(self._blocks), path)
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._blocks.pop(key, None)
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def continue_chain(self, hashes: list[bytes], tokens: npt.NDArray[np.int64], first_block: int,
+                       block_size: int, namespace: str) -> list[int]:
+        """Keys of the spilled blocks ``first_block, first_block + 1, ...`` of the prompt,
+        stopping at the first block that is absent or whose stored tokens differ."""
+        keys: list[int] = []
+        for index in range(first_block, len(hashes)):
+            key = tier_key(hashes[index])
+            record = self._blocks.get(key)
+            if record is None or self._store.location(key) is None:
+                break
+            expected = tokens[index * block_size : (index + 1) * block_size]
+            if (record.block_hash != hashes[index] or record.namespace != namespace
+                    or record.tokens != expected.astype(np.int64).tobytes()):
+                self.verify_failures += 1
+                break
+            keys.append(key)
+        return keys
+
+    def location(self, key: int) -> str | None:
+        return self._store.location(key)
+
+    def read(self, key: int) -> torch.Tensor:
+        """The page of ``key`` (uint8); :class:`PageCorrupt` when its checksum fails."""
+        try:
+            return self._store.get(key)
+        except PageCorrupt:
+            self._forget(key)
+            raise
+
+    def pin(self, keys: list[int]) -> None:
+        self._store.pin(keys)
+
+    def unpin(self, keys: list[int]) -> None:
+        self._store.unpin(keys)
+
+    def prefetch(self, keys: list[int]) -> None:
+        if keys:
+            self._store.prefetch(keys)
+
+    def discard(self, key: int) -> None:
+        with self._lock:
+            self._blocks.pop(key, None)
+        self._store.discard(key)
+
+    def held(self) -> list[HeldBlock]:
+        """Every spilled block with the tier it is on now (for re-announcing)."""
+        with self._lock:
+            records = list(self._blocks.items())
+        out = []
+        for key, r in records:
+            tier = self._store.location(key)
+            if tier is not None:
+                out.append(HeldBlock(r.block_hash, r.family, r.position, r.namespace, tier))
+        return out
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {"pages_used": s.pages_used, "pages_total": s.pages_total,
+                   "demotions": s.demotions, "promotions": s.promotions,
+                   "checksum_failures": s.checksum_failures}
+            for name, s in self._store.stats().items()
+        }
+
+    def close(self) -> None:
+        self._store.close()
+        if self._meta_file is not None:
+            self._meta_file.close()
+            self._meta_file = None
