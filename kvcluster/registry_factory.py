@@ -12,6 +12,7 @@ import ray
 from kvcluster.errors import RegistryUnavailable
 from routing.config import RegistryConfig
 from routing.memory_registry import InMemoryRegistry
+from routing.redis_registry import RedisPrefixRegistry
 from routing.registry import PrefixRegistry
 
 
@@ -80,9 +81,7 @@ def build_registry(
     clock: Callable[[], float] = time.monotonic,
 ) -> PrefixRegistry:
     if config.backend == "redis":
-        from routing.redis_registry import RedisPrefixRegistry
-
-        return RedisPrefixRegistry.from_config(config)
+        return RedisPrefixRegistry(config, clock=clock)  # type: ignore[return-value]
     if registry_actor is not None:
         return RemoteRegistry(registry_actor, config.index_stride_blocks)  # type: ignore[return-value]
     return InMemoryRegistry(config, clock=clock)

@@ -83,8 +83,13 @@ def build_tiered_store(
     on_move: MoveListener | None = None,
     on_discard: DiscardListener | None = None,
     clock: Callable[[], float] = time.monotonic,
+    include_device: bool = True,
 ) -> TieredStore:
     """GPU (or its CPU stand-in), pinned-CPU and, when enabled, NVMe tiers in one store.
+
+    ``include_device=False`` leaves the GPU tier out (its capacity is still checked): for a
+    caller whose device pages live elsewhere, such as a node engine's own page buffer, and
+    that wants only the host and NVMe tiers beneath it.
 
     ``file_stem`` names the NVMe files (one node per stem and directory: the files are locked).
     With ``recover`` the NVMe tier finds the pages of a previous run (warm restart); they are
@@ -143,7 +148,8 @@ def build_tiered_store(
 
     tiers: list[PageStore] = []
     try:
-        tiers.append(DeviceTier(gpu_bytes // page_bytes, page_bytes, device=device, clock=clock))
+        if include_device:
+            tiers.append(DeviceTier(gpu_bytes // page_bytes, page_bytes, device=device, clock=clock))
         tiers.append(HostTier(cpu_bytes // page_bytes, page_bytes, pinned=config.cpu.pinned, clock=clock))
         if config.nvme.enabled:
             tiers.append(
@@ -156,11 +162,11 @@ def build_tiered_store(
     except KVClusterError as exc:
         for tier in tiers:
             tier.close()
-        field = ["tiers.gpu", "tiers.cpu", "tiers.nvme"][len(tiers)]
+        field = ["tiers.gpu", "tiers.cpu", "tiers.nvme"][len(tiers) + (0 if include_device else 1)]
         raise ConfigError("invalid tier configuration", [f"{field}: {exc}"]) from None
+    tier_configs = (config.gpu, config.cpu, config.nvme) if include_device else (config.cpu, config.nvme)
     policies = [
-        tier_config.eviction_policy or config.eviction_policy
-        for tier_config in (config.gpu, config.cpu, config.nvme)
+        tier_config.eviction_policy or config.eviction_policy for tier_config in tier_configs
     ][: len(tiers)]
     return TieredStore(
         tiers,
