@@ -97,12 +97,17 @@ def _plain_value(value: Any, key: str) -> RowValue:
 
     Non-finite floats (NaN, inf) become None: JSON has no spelling for them.
     """
-    if value is None or isinstance(value, bool | str):
-        return value
+    # Subclasses (numpy.float64 is a float) are converted to the plain type.
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str(value)
     if isinstance(value, int):
-        return value
+        return int(value)
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return float(value) if math.isfinite(value) else None
     item = getattr(value, "item", None)  # numpy / torch scalars and 0-d arrays
     if callable(item):
         try:
