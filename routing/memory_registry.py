@@ -190,7 +190,7 @@ class InMemoryRegistry:
         if batch.seq <= node.applied_through or batch.seq in node.pending:
             return PublishResult(PublishStatus.DUPLICATE, node.applied_through)
         if batch.seq > node.applied_through + 1:
-            if batch.seq > node.applied_through + self._config.max_buffered_batches:
+            if batch.seq > node.applied_through + 1 + self._config.max_buffered_batches:
                 return PublishResult(PublishStatus.OUT_OF_WINDOW, node.applied_through)
             node.pending[batch.seq] = (ops, now)
             return PublishResult(PublishStatus.BUFFERED, node.applied_through)

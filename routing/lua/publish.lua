@@ -94,7 +94,7 @@ end
 local ops = parse_ops(blob)
 if not ops then return redis.error_reply('ERR malformed ops blob') end
 if seq > through + 1 then
-  if seq > through + window then return {4, through, 0, epoch} end
+  if seq > through + 1 + window then return {4, through, 0, epoch} end
   redis.call('HSET', KEYS[2], seq, blob)
   redis.call('PEXPIRE', KEYS[2], ttl)
   return {3, through, 0, epoch}
