@@ -128,7 +128,7 @@ class PageBuffer:
                 # ~4x slower on large pages) and, through a same-width integer view, works
                 # bit-exact for every dtype (fp8 included).
                 bits = _SAME_WIDTH_INT[pages.element_size()]
-                index = torch.from_numpy(run).to(self.device)
+                index = _index_tensor(run, self.device)
                 pages.view(bits).index_put_((index,), src.view(bits))
             done += whole * bs
         if done < num_tokens:
@@ -158,7 +158,7 @@ class PageBuffer:
         layers, comps, _, heads, dim = self.page_shape
         if end <= start:
             return torch.empty((layers, comps, 0, heads, dim), dtype=self.dtype, device=self.device)
-        ids = torch.from_numpy(as_block_ids(block_ids)).to(self.device)
+        ids = _index_tensor(as_block_ids(block_ids), self.device)
         first, last = start // bs, (end - 1) // bs + 1
         sel = self.pages.index_select(0, ids[first:last])  # (n, L, C, bs, H, D), a copy
         n = last - first
@@ -174,7 +174,7 @@ class PageBuffer:
         _, comps, _, heads, dim = self.page_shape
         if end <= start:
             return torch.empty((comps, 0, heads, dim), dtype=self.dtype, device=self.device)
-        ids = torch.from_numpy(as_block_ids(block_ids)).to(self.device)
+        ids = _index_tensor(as_block_ids(block_ids), self.device)
         first, last = start // bs, (end - 1) // bs + 1
         sel = self.pages[:, layer].index_select(0, ids[first:last])  # (n, C, bs, H, D)
         n = last - first
@@ -190,3 +190,11 @@ class PageBuffer:
         else:
             self.pages[dst, :, :, :num_tokens].copy_(self.pages[src, :, :, :num_tokens])
             self.rows_filled[dst] = num_tokens
+
+
+def _index_tensor(ids: BlockIds, device: torch.device) -> torch.Tensor:
+    """Block ids as an index tensor; read-only arrays (e.g. a prefix match's ids, which are
+    views of immutable bytes) are copied, since torch cannot wrap them safely."""
+    if not ids.flags.writeable:
+        ids = ids.copy()
+    return torch.from_numpy(ids).to(device)

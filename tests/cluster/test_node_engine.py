@@ -1,0 +1,223 @@
+"""NodeEngine in-process (no Ray): the data path, leases, spilling and registry publishing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from kvcluster.config import KVClusterConfig
+from kvcluster.errors import InvalidTokens, LeaseError, RegistryUnavailable
+from kvcluster.kv_payload import KVPayload
+from kvcluster.node_engine import NodeEngine
+from kvcluster.synthetic_kv import SyntheticKV
+from routing.block_hashing import BlockHasher
+from routing.memory_registry import InMemoryRegistry
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FlakyRegistry:
+    """Fault injection as a wrapper: every call fails while ``down`` is set."""
+
+    def __init__(self, inner: InMemoryRegistry) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise RegistryUnavailable("injected outage")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def make_config(**cache: Any) -> KVClusterConfig:
+    return KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 64, **cache},
+        "tiers": {"cpu": {"capacity": "4MiB"}},
+        "registry": {"index_stride_blocks": 1},
+        "cluster": {"lease_ttl_s": 10},
+    })
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry(clock: FakeClock) -> FlakyRegistry:
+    return FlakyRegistry(InMemoryRegistry(make_config().registry, clock=clock))
+
+
+@pytest.fixture
+def node(registry: FlakyRegistry, clock: FakeClock) -> Iterator[NodeEngine]:
+    engine = NodeEngine("n0", make_config(), registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+    yield engine
+    engine.check_invariants()
+    engine.shutdown()
+
+
+@pytest.fixture
+def kv_model() -> SyntheticKV:
+    return SyntheticKV(make_config().model)
+
+
+def store_all(node: NodeEngine, kv_model: SyntheticKV, tokens: np.ndarray, namespace: str = "default") -> None:
+    node.store(tokens, KVPayload.from_tensor(kv_model.kv(tokens)), namespace)
+
+
+def test_miss_then_exact_hit_and_fetch(node: NodeEngine, kv_model: SyntheticKV) -> None:
+    tokens = np.arange(100, 200)
+    assert node.lookup(tokens).matched_tokens == 0
+    store_all(node, kv_model, tokens)
+    reply = node.lookup(tokens)
+    assert reply.matched_tokens == 100
+    assert reply.blocks_per_tier == {"gpu": 7}
+    assert reply.lease_id is not None
+    kv = node.fetch(reply.lease_id).to_tensor()
+    assert torch.equal(kv, kv_model.kv(tokens))
+    assert node.release(reply.lease_id)
+    assert not node.release(reply.lease_id)
+
+
+def test_token_granular_match_and_store_continuation(node: NodeEngine, kv_model: SyntheticKV) -> None:
+    base = np.arange(1000, 1100)
+    store_all(node, kv_model, base)
+    prompt = np.concatenate([base[:37], np.arange(5000, 5050)])  # diverges inside block 2
+    reply = node.lookup(prompt)
+    assert reply.matched_tokens == 37
+    assert reply.lease_id is not None
+    expected = kv_model.kv(prompt)
+    assert torch.equal(node.fetch(reply.lease_id).to_tensor(), expected[:, :, :37])
+    node.store(prompt, KVPayload.from_tensor(expected[:, :, 37:]), "default", reply.lease_id)
+    node.release(reply.lease_id)
+    again = node.lookup(prompt)
+    assert again.matched_tokens == prompt.size
+    assert again.lease_id is not None
+    assert torch.equal(node.fetch(again.lease_id).to_tensor(), expected)
+    node.release(again.lease_id)
+    # The original prompt is untouched by the copy-on-write of its partial block.
+    original = node.lookup(base)
+    assert original.lease_id is not None
+    assert torch.equal(node.fetch(original.lease_id).to_tensor(), kv_model.kv(base))
+    node.release(original.lease_id)
+
+
+def test_namespaces_never_share(node: NodeEngine, kv_model: SyntheticKV) -> None:
+    tokens = np.arange(300, 364)
+    store_all(node, kv_model, tokens, "tenant-a")
+    assert node.lookup(tokens, "tenant-b").matched_tokens == 0
+    reply = node.lookup(tokens, "tenant-a")
+    assert reply.matched_tokens == 64
+    assert reply.lease_id is not None
+    with pytest.raises(LeaseError, match="tenant-a"):
+        node.fetch(reply.lease_id, "tenant-b")
+    node.release(reply.lease_id)
+
+
+def test_lease_expires_and_unpins(node: NodeEngine, kv_model: SyntheticKV, clock: FakeClock) -> None:
+    tokens = np.arange(10, 74)
+    store_all(node, kv_model, tokens)
+    reply = node.lookup(tokens)
+    assert reply.lease_id is not None
+    assert node.stats().leases == 1
+    clock.now += 11
+    with pytest.raises(LeaseError, match="expired"):
+        node.fetch(reply.lease_id)
+    assert node.stats().leases == 0
+
+
+def test_leased_blocks_survive_pressure_and_evicted_blocks_spill(
+    node: NodeEngine, kv_model: SyntheticKV
+) -> None:
+    leased = np.arange(20000, 20160)  # 10 blocks
+    store_all(node, kv_model, leased)
+    reply = node.lookup(leased)
+    assert reply.lease_id is not None
+    victim = np.arange(21000, 21160)
+    store_all(node, kv_model, victim)
+    for i in range(12):  # far more than the 64-block pool
+        store_all(node, kv_model, np.arange(160) + 22000 + 200 * i)
+    # The leased prefix stayed on the device; the victim was demoted to the host tier.
+    assert torch.equal(node.fetch(reply.lease_id).to_tensor(), kv_model.kv(leased))
+    node.release(reply.lease_id)
+    spilled = node.lookup(victim)
+    assert spilled.blocks_per_tier.get("cpu", 0) > 0
+    assert spilled.matched_tokens == victim.size
+    assert spilled.lease_id is not None
+    assert torch.equal(node.fetch(spilled.lease_id).to_tensor(), kv_model.kv(victim))
+    node.release(spilled.lease_id)
+    stats = node.stats()
+    assert stats.evictions["capacity"] > 0
+    assert stats.tiers["cpu"]["pages_used"] > 0
+
+
+def test_store_promotes_a_spilled_prefix(node: NodeEngine, kv_model: SyntheticKV) -> None:
+    first = np.arange(25000, 25096)
+    store_all(node, kv_model, first)
+    for i in range(12):
+        store_all(node, kv_model, np.arange(160) + 26000 + 200 * i)
+    reply = node.lookup(np.concatenate([first, [7, 8, 9]]))
+    assert reply.blocks_per_tier.get("cpu", 0) == 6
+    full = np.concatenate([first, np.arange(30)])
+    expected = kv_model.kv(full)
+    node.store(full, KVPayload.from_tensor(expected[:, :, 96:]), "default", reply.lease_id)
+    node.release(reply.lease_id)  # type: ignore[arg-type]
+    again = node.lookup(full)
+    assert again.blocks_per_tier.get("gpu", 0) >= 7
+    assert again.lease_id is not None
+    assert torch.equal(node.fetch(again.lease_id).to_tensor(), expected)
+    node.release(again.lease_id)
+
+
+def test_bad_tokens_change_nothing(node: NodeEngine, kv_model: SyntheticKV) -> None:
+    before = node.stats()
+    for bad in ([], [1.5, 2.0], [-1, 3], [10**9]):
+        with pytest.raises(InvalidTokens):
+            node.lookup(bad)
+    assert node.stats() == before
+
+
+def test_published_blocks_are_found_by_the_registry(
+    node: NodeEngine, kv_model: SyntheticKV, registry: FlakyRegistry
+) -> None:
+    tokens = np.arange(30000, 30080)  # 5 full blocks
+    store_all(node, kv_model, tokens)
+    config = make_config()
+    hasher = BlockHasher(config.hashing.algorithm, 16, b"", config.model.fingerprint())
+    holding = registry.inner.longest_prefix(hasher.hash_chain(tokens))
+    assert holding["n0"].num_blocks == 5
+    assert holding["n0"].gpu_blocks == 5
+
+
+def test_registry_outage_is_counted_and_repaired_by_resync(
+    node: NodeEngine, kv_model: SyntheticKV, registry: FlakyRegistry
+) -> None:
+    config = make_config()
+    hasher = BlockHasher(config.hashing.algorithm, 16, b"", config.model.fingerprint())
+    registry.down = True
+    tokens = np.arange(31000, 31064)
+    store_all(node, kv_model, tokens)  # serving continues while the registry is down
+    assert node.stats().registry_errors >= 1
+    assert node.lookup(tokens).matched_tokens == 64
+    registry.down = False
+    node._publisher.tick()  # the maintenance thread's step: re-register and re-announce
+    holding = registry.inner.longest_prefix(hasher.hash_chain(tokens))
+    assert holding["n0"].num_blocks == 4
+    assert node.identity().epoch == 2  # a new epoch fenced off whatever the outage lost
