@@ -84,14 +84,17 @@ def deploy(
         )
     config_data = config.model_dump(mode="json")
     actors: dict[str, Any] = {}
-    for node in alive_ray_nodes():
+    base_port = config.cluster.metrics_port
+    for index, node in enumerate(sorted(alive_ray_nodes(), key=lambda n: n["NodeID"])):
         node_id = kv_node_id(node["NodeID"])
+        # Simulated nodes share one host, so each exporter takes its own port (base + index).
+        port = None if base_port is None else base_port + index
         actors[node_id] = create_node_actor(
             node_id,
             node["NodeID"],
             namespace=namespace,
             max_concurrency=config.cluster.actor_max_concurrency,
-            init_args=(node_id, config_data, registry_actor),
+            init_args=(node_id, config_data, registry_actor, port),
         )
     identities = dict(zip(actors, ray.get([a.identity.remote() for a in actors.values()]), strict=True))
     want = identity_for(config, "<config>", 0)
