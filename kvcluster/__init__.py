@@ -18,6 +18,7 @@ _LAZY = {
     "connect": "kvcluster.connection",
     "connect_local": "kvcluster.connection",
     "deploy": "kvcluster.deploy",
+    "local_cluster": "kvcluster.local_cluster",
     "KVClient": "kvcluster.client",
     "RouteResult": "kvcluster.client",
 }
@@ -40,4 +41,5 @@ __all__ = [
     "connect_local",
     "deploy",
     "load_config",
+    "local_cluster",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from routing.router import RouteDecision, Router
 
 from kvcluster.config import KVClusterConfig
 from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable
@@ -37,7 +38,6 @@ from kvcluster.node_handles import NodeHandle
 from kvcluster.node_types import LookupReply, StoreReply
 from routing.block_hashing import BlockHasher
 from routing.registry import PrefixRegistry
-from routing.router import RouteDecision, Router
 
 logger = logging.getLogger(__name__)
 

@@ -8,17 +8,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import ray
 import torch
-from ray.cluster_utils import Cluster
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig, load_config
-from kvcluster.connection import connect
-from kvcluster.deploy import deploy, undeploy
+from kvcluster.local_cluster import local_cluster
 from kvcluster.synthetic_kv import SyntheticKV, chat_workload
 
 logger = logging.getLogger(__name__)
@@ -64,20 +61,6 @@ def demo_config(settings: DemoSettings) -> KVClusterConfig:
         cluster = config.cluster.model_copy(update={"local_nodes": settings.nodes})
         config = config.model_copy(update={"cluster": cluster})
     return config
-
-
-def start_local_ray(nodes: int) -> Cluster:
-    """A Ray cluster of ``nodes`` simulated nodes on this machine, lean settings."""
-    system_config = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 100 << 20,
-                        "include_dashboard": False, "_system_config": system_config},
-    )
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
-    cluster.wait_for_nodes()
-    return cluster
 
 
 def replay(client: KVClient, config: KVClusterConfig, settings: DemoSettings, tally: DemoTally,
@@ -144,16 +127,11 @@ def summary_tables(client: KVClient, tally: DemoTally) -> list[Table]:
 def run_demo(settings: DemoSettings) -> int:
     console = Console()
     config = demo_config(settings)
-    nodes = config.cluster.local_nodes
-    console.print(f"starting a local Ray cluster of {nodes} nodes ...")
+    console.print(f"starting a local Ray cluster of {config.cluster.local_nodes} nodes "
+                  f"(registry: {config.registry.backend}) ...")
     started = time.perf_counter()
-    cluster = start_local_ray(nodes)
-    try:
-        ray.init(address=cluster.address, namespace=config.cluster.ray_namespace, log_to_driver=False)
-        deployment = deploy(config)
-        console.print(f"deployed {len(deployment.nodes)} node actors in {time.perf_counter() - started:.1f} s; "
-                      f"registry: {config.registry.backend}")
-        client = connect(config)
+    with local_cluster(config) as client:
+        console.print(f"{len(client.nodes)} node actors up in {time.perf_counter() - started:.1f} s")
         tally = DemoTally()
         with Live(console=console, refresh_per_second=4) as live:
             def progress(index: int, total: int) -> None:
@@ -163,10 +141,5 @@ def run_demo(settings: DemoSettings) -> int:
             replay(client, config, settings, tally, progress)
         for table in summary_tables(client, tally):
             console.print(table)
-        console.print(f"demo finished in {time.perf_counter() - started:.1f} s")
-        client.close()
-        undeploy(config.cluster.ray_namespace)
-        return 1 if tally.mismatches else 0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    console.print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    return 1 if tally.mismatches else 0

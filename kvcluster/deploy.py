@@ -8,6 +8,7 @@ block hashes and pages comparable (config drift is refused, naming both values).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -140,10 +141,9 @@ def undeploy(namespace: str) -> int:
     """Kill every node actor and the registry actor of ``namespace``; returns how many."""
     killed = 0
     for actor in find_nodes(namespace).values():
-        try:
+        # An actor that is already dead needs only the kill below.
+        with contextlib.suppress(ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
             ray.get(actor.shutdown.remote(), timeout=10)
-        except ray.exceptions.RayError:
-            pass  # already dead: killing it below is all that is left to do
         ray.kill(actor)
         killed += 1
     registry = find_registry_actor(namespace)

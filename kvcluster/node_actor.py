@@ -45,6 +45,12 @@ class NodeActor:
     def ping(self) -> str:
         return self._engine.ping()
 
+    def ray_node_id(self) -> str:
+        """The Ray node this actor runs on (placement checks)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     def load(self) -> NodeLoad:
         return self._engine.load()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+
 from kvcluster.commands.options import add_config_option
 
 

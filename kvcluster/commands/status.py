@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvcluster.commands.options import add_address_option, add_config_option, address_from, config_from
+from kvcluster.commands.options import (
+    add_address_option,
+    add_config_option,
+    address_from,
+    config_from,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,155 @@
+"""kvcluster on a 3-node local Ray cluster with the embedded registry (a Ray actor)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+
+from kvcluster.cli import main as cli_main
+from kvcluster.client import KVClient
+from kvcluster.config import KVClusterConfig
+from kvcluster.connection import connect
+from kvcluster.deploy import Deployment, deploy, undeploy
+from kvcluster.errors import ConfigDrift, InvalidKV, InvalidTokens, LeaseError
+from kvcluster.node_status import collect_status
+from kvcluster.synthetic_kv import SyntheticKV
+
+pytestmark = pytest.mark.ray_cluster
+
+NAMESPACE = "kvc-test-memory"
+
+
+def make_config(namespace: str = NAMESPACE, **cache: Any) -> KVClusterConfig:
+    return KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 512, **cache},
+        "tiers": {"cpu": {"capacity": "8MiB"}},
+        "registry": {"index_stride_blocks": 1, "heartbeat_interval_s": 0.5, "node_ttl_s": 2.0},
+        "cluster": {"ray_namespace": namespace, "lease_ttl_s": 60},
+    })
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_cluster: object) -> Iterator[Deployment]:
+    deployed = deploy(make_config())
+    try:
+        yield deployed
+    finally:
+        undeploy(NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def client(deployment: Deployment) -> Iterator[KVClient]:
+    kv_client = connect(make_config())
+    yield kv_client
+    kv_client.close()
+
+
+@pytest.fixture(scope="module")
+def kv_model() -> SyntheticKV:
+    return SyntheticKV(make_config().model)
+
+
+def test_one_actor_per_ray_node_and_up_is_idempotent(deployment: Deployment) -> None:
+    assert len(deployment.nodes) == 3
+    placements = ray.get([actor.ray_node_id.remote() for actor in deployment.nodes.values()])
+    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    assert set(placements) == alive
+    again = deploy(make_config())
+    assert again.identities == deployment.identities  # same actors, same epochs
+
+
+def test_config_drift_is_refused_naming_both_values(deployment: Deployment) -> None:
+    with pytest.raises(ConfigDrift) as info:
+        deploy(make_config(block_size=32))
+    text = str(info.value)
+    assert "block_size" in text and "16" in text and "32" in text
+
+
+def test_route_store_fetch_round_trip(client: KVClient, kv_model: SyntheticKV) -> None:
+    prompt = np.arange(2000, 2000 + 300)
+    first = client.route_and_lookup(prompt)
+    assert first.matched_tokens == 0
+    assert first.lease_id is None
+    client.store(prompt, kv_model.kv(prompt), node=first.node_id)
+    time.sleep(0.1)
+    longer = np.concatenate([prompt, np.arange(50)])
+    with client.lookup(longer) as result:
+        assert result.node_id == first.node_id  # the router found the holder
+        assert result.matched_tokens == 300
+        assert result.blocks_per_tier["gpu"] == 19
+        assert "node" in result.explanation
+        kv = client.fetch(result)
+        assert torch.equal(kv, kv_model.kv(longer)[:, :, :300])
+        client.store(longer, kv_model.kv(longer)[:, :, 300:], result=result)
+    with client.lookup(longer) as result:
+        assert result.matched_tokens == longer.size
+
+
+def test_bad_input_gets_clear_errors(client: KVClient, kv_model: SyntheticKV) -> None:
+    with pytest.raises(InvalidTokens):
+        client.route_and_lookup([])
+    with pytest.raises(InvalidTokens, match="outside the vocabulary"):
+        client.route_and_lookup([1, 2, 10**8])
+    prompt = np.arange(5000, 5040)
+    with pytest.raises(InvalidKV, match="shape"):
+        client.store(prompt, torch.zeros(1, 2, 3))
+    with pytest.raises(InvalidKV, match="dtype"):
+        client.store(prompt, kv_model.kv(prompt).to(torch.float16))
+    client.store(prompt, kv_model.kv(prompt))
+    result = client.route_and_lookup(prompt)
+    assert client.release(result)
+    with pytest.raises(LeaseError):
+        client.fetch(result)
+
+
+def test_namespaces_are_isolated_across_the_cluster(client: KVClient, kv_model: SyntheticKV) -> None:
+    prompt = np.arange(7000, 7100)
+    client.store(prompt, kv_model.kv(prompt), "tenant-a")
+    with client.lookup(prompt, "tenant-b") as other:
+        assert other.matched_tokens == 0
+    with client.lookup(prompt, "tenant-a") as own:
+        assert own.matched_tokens == 100
+
+
+def test_migration_pulls_a_prefix_node_to_node(client: KVClient, kv_model: SyntheticKV) -> None:
+    prompt = np.arange(9000, 9400)
+    source, target = client.nodes[0], client.nodes[1]
+    client.store(prompt, kv_model.kv(prompt), node=source)
+    moved = client.migrate_prefix(prompt, "default", source=source, target=target)
+    assert moved.node_id == target
+    assert moved.new_tokens == 400
+    stats = client.node_stats()
+    assert stats[source].migrations_out >= 1
+    assert stats[target].migrations_in >= 1
+
+
+def test_status_reads_the_node_metrics(
+    client: KVClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = collect_status(NAMESPACE)
+    assert len(rows) == 3
+    assert all(row.error is None for row in rows)
+    assert sum(row.lookups_hit + row.lookups_miss for row in rows) > 0
+    assert all(row.pages_total.get("gpu") == 512 for row in rows)
+    config_file = tmp_path / "cluster.yaml"
+    config_file.write_text(yaml.safe_dump(make_config().model_dump(mode="json")))
+    assert cli_main(["status", "--config", str(config_file), "--min-nodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("node-") == 3 and "hit rate" in out
+    assert cli_main(["status", "--config", str(config_file), "--min-nodes", "4"]) == 1
+
+
+def test_pools_return_to_baseline(client: KVClient) -> None:
+    for stats in client.node_stats().values():
+        assert stats.leases == 0
+        assert stats.sequences == 0
+    for handle_node in client.nodes:
+        assert client._nodes[handle_node].call("check_invariants")
