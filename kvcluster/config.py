@@ -26,6 +26,8 @@ EVICTION_POLICIES = ("lru", "lfu", "ttl")
 
 
 class EvictionConfig(BaseModel):
+    """Which cached prefixes a node drops first when its pool is full, and what it keeps."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: str = Field(
@@ -68,6 +70,8 @@ class EvictionConfig(BaseModel):
 
 
 class CacheConfig(BaseModel):
+    """The paged KV cache of each node: block size, context length, pool size, eviction."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     block_size: int = Field(default=16, gt=0, le=4096, description="Tokens per KV block (page).")
@@ -79,13 +83,17 @@ class CacheConfig(BaseModel):
         gt=0,
         description="Blocks in the node's pool; by default derived from the GPU tier capacity.",
     )
-    eviction: EvictionConfig = Field(default_factory=EvictionConfig)
+    eviction: EvictionConfig = Field(
+        default_factory=EvictionConfig, description="Eviction policy and budgets of the prefix cache."
+    )
     session_idle_ttl_s: float = Field(
         default=1800.0, gt=0, description="A conversation idle this long is closed and unpinned."
     )
 
 
 class ClusterConfig(BaseModel):
+    """The Ray deployment: where the cluster is, the node actors, leases and metrics."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ray_address: str | None = Field(
@@ -139,13 +147,31 @@ class KVClusterConfig(BaseModel):
         description="A preset name (llama-3-8b, ...) or a full spec; with 'preset:' plus "
         "overrides, the preset's fields are the defaults.",
     )
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    tiers: TiersConfig = Field(default_factory=TiersConfig)
-    hashing: HashingConfig = Field(default_factory=HashingConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    cache: CacheConfig = Field(
+        default_factory=CacheConfig, description="The paged KV cache of each node."
+    )
+    tiers: TiersConfig = Field(
+        default_factory=TiersConfig, description="The GPU, CPU and NVMe storage tiers of each node."
+    )
+    hashing: HashingConfig = Field(
+        default_factory=HashingConfig,
+        description="How token blocks are hashed into chains; must be the same on every node.",
+    )
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig,
+        description="The cluster-wide prefix registry: which node holds which blocks.",
+    )
+    router: RouterConfig = Field(
+        default_factory=RouterConfig,
+        description="How a request's node is chosen from cache hits, tiers and load.",
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="The Ray cluster and the node actors on it."
+    )
+    migration: MigrationConfig = Field(
+        default_factory=MigrationConfig,
+        description="Pulling cached prefixes between nodes when the best holder is overloaded.",
+    )
 
     @field_validator("model", mode="before")
     @classmethod

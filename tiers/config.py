@@ -137,9 +137,15 @@ class TiersConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    gpu: GpuTierConfig = Field(default_factory=GpuTierConfig)
-    cpu: CpuTierConfig = Field(default_factory=CpuTierConfig)
-    nvme: NvmeTierConfig = Field(default_factory=NvmeTierConfig)
+    gpu: GpuTierConfig = Field(
+        default_factory=GpuTierConfig, description="The top tier: device memory (a CPU stand-in without CUDA)."
+    )
+    cpu: CpuTierConfig = Field(
+        default_factory=CpuTierConfig, description="The middle tier: (pinned) host memory."
+    )
+    nvme: NvmeTierConfig = Field(
+        default_factory=NvmeTierConfig, description="The bottom tier: page files on local NVMe disks."
+    )
     high_watermark: float = Field(
         default=0.90, gt=0, le=1, description="Occupancy above which cold pages are demoted."
     )
