@@ -157,3 +157,12 @@ class PagesCorrupt(PageCorrupt):
 
 class MissingDependency(KVClusterError, ImportError):
     """An optional extra (``pip install 'kvcluster[hf]'``...) that is not installed."""
+
+
+# --- routing (appended) ---------------------------------------------------------------------
+
+
+class NoLiveNodes(RoutingError):
+    """The registry knows no live node (among the candidates) to route a request to."""
+
+    retryable = True
