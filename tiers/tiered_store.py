@@ -649,9 +649,12 @@ class TieredStore:
             else:
                 self._counters[plan.dst].promotions += len(moved)
             self._moves_done.notify_all()
+            again = any(self._draining) or any(self._over_high(i) for i in range(len(self._tiers) - 1))
         if dropped:
             logger.error("tiered store: dropped corrupt pages %s", dropped)
         self._notify(moved, dropped)
+        if again:
+            self.rebalance()
         failed_keys = [e.key for e in plan.entries] if failed else dropped
         return [k for k, _, _ in moved], failed_keys, rolled_back
 
@@ -791,7 +794,9 @@ class TieredStore:
             if self._over_high(index):
                 self._draining[index] = True
             target = int(self._low * tier.num_slots)
-            if self._draining[index] and self._staying(index) <= target:
+            # Draining ends when the pages have actually left (not merely started to), so a
+            # move that is rolled back is made up for by the pass its commit triggers.
+            if self._draining[index] and tier.num_used <= target:
                 self._draining[index] = False
             if not self._draining[index]:
                 continue

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tiers.device_tier import DeviceTier
 from tiers.host_tier import HostTier
 from tiers.nvme_tier import NvmeTier, probe_o_direct
-from tiers.page_store import PageStore
+from tiers.page_store import NO_TAG, PageBatch, PageStore, Slots, TierStats
 
 TierFactory = Callable[[int, int], PageStore]
 
@@ -66,3 +67,79 @@ def tier_factory(medium: str, tmp_path: Path) -> Iterator[TierFactory]:
 def random_pages(n: int, page_bytes: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, page_bytes), dtype=torch.uint8, generator=generator)
+
+
+class ManualClock:
+    """A clock the test advances by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class GatedTier:
+    """Wraps a tier; while ``gate`` is closed, batch writes into it block (a slow move).
+
+    It has no ``page_views``, so moves into it go through ``write_batch``. ``entered`` is set
+    when a batch write is waiting at the gate. ``explode`` makes batch writes raise a bug.
+    """
+
+    def __init__(self, inner: PageStore) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.page_bytes = inner.page_bytes
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.explode = False
+
+    @property
+    def num_slots(self) -> int:
+        return self._inner.num_slots
+
+    @property
+    def num_free(self) -> int:
+        return self._inner.num_free
+
+    @property
+    def num_used(self) -> int:
+        return self._inner.num_used
+
+    def allocate(self, n: int) -> Slots | None:
+        return self._inner.allocate(n)
+
+    def free(self, slots: Sequence[int] | Slots) -> None:
+        self._inner.free(slots)
+
+    def is_allocated(self, slot: int) -> bool:
+        return self._inner.is_allocated(slot)
+
+    def read(self, slot: int) -> torch.Tensor:
+        return self._inner.read(slot)
+
+    def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None:
+        self._inner.read_batch_into(slots, out)
+
+    def write(self, slot: int, page: torch.Tensor, tag: int = NO_TAG) -> None:
+        self._inner.write(slot, page, tag)
+
+    def write_batch(
+        self, slots: Sequence[int] | Slots, pages: PageBatch, tags: Sequence[int] | None = None
+    ) -> None:
+        self.entered.set()
+        if not self.gate.wait(timeout=30):
+            raise AssertionError("the test never opened the gate")
+        if self.explode:
+            raise RuntimeError("injected bug")
+        self._inner.write_batch(slots, pages, tags)
+
+    def stats(self) -> TierStats:
+        return self._inner.stats()
+
+    def close(self) -> None:
+        self._inner.close()
