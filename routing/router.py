@@ -1,0 +1,385 @@
+"""The router: pick the node for a request from the registry's view of prefixes and load.
+
+For every live node the registry reports how many leading blocks of the prompt it holds and
+on which tier. The router scores each node::
+
+    affinity = sum(tier_weight[t] * blocks_on[t]) / prompt_blocks         (0..1)
+    score    = affinity - load_weight * inflight / (mean_inflight + 1)
+               + free_blocks_weight * free_fraction
+
+and takes the best score among the nodes that are not overloaded. A node is overloaded when
+taking this request would lift it above ``ceil(imbalance_threshold * (total_inflight + 1) /
+nodes)`` (consistent hashing with bounded loads, Mirrokni et al. 2018): cache affinity never
+piles more than that on one node. In-flight counts are those of each node's last heartbeat
+plus the requests this router sent it since, so a burst between heartbeats spreads too.
+
+Fallbacks keep a prefix on one node when the registry cannot help: when no eligible node
+holds any leading block, and while the registry is unreachable, the router walks a
+consistent-hash ring (``virtual_nodes`` points per node) from the first block's key to the
+first eligible node. An unreachable registry is logged once per outage, counted, and retried
+after ``registry_retry_s`` (doubling up to ``registry_retry_max_s``); the router recovers by
+itself when it answers again. Every decision carries a one-line explanation.
+
+Thread-safety: not thread-safe (it keeps per-node routing counters); use one per thread or
+guard it with a lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from kvcluster.errors import InvalidArgument, NoLiveNodes, RegistryUnavailable
+from routing.block_hashing import BlockHashArray, BlockHasher, as_token_array
+from routing.config import RouterConfig
+from routing.registry import DEFAULT_NAMESPACE, NodeInfo, PrefixHolding, PrefixRegistry, check_chain
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """Where a request goes and why.
+
+    ``matched_blocks``/``blocks_per_tier``: the leading blocks the chosen node holds (by the
+    registry; the node verifies tokens). ``scores``: every considered node's score (empty in
+    a fallback without registry data). ``fallback``: ``None``, ``"no_match"`` or
+    ``"registry_unavailable"``. ``best_holder``: the node holding the most weighted prefix
+    (``None`` when nobody holds any), with its blocks and in-flight count, so a caller can
+    decide to pull the prefix to the chosen node when load overrode affinity.
+    """
+
+    node_id: str
+    matched_blocks: int
+    blocks_per_tier: dict[str, int]
+    scores: dict[str, float]
+    reason: str
+    fallback: str | None
+    prompt_blocks: int
+    best_holder: str | None = None
+    holder_blocks: int = 0
+    holder_in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStats:
+    routed: int
+    by_prefix: int
+    overload_overrides: int
+    no_match_fallbacks: int
+    unavailable_fallbacks: int
+    registry_failures: int
+
+
+class HashRing:
+    """A consistent-hash ring with ``virtual_nodes`` points per node (xxh3-64 positions)."""
+
+    __slots__ = ("_owners", "_points")
+
+    def __init__(self, nodes: Iterable[str], virtual_nodes: int) -> None:
+        points = sorted(
+            (xxhash.xxh3_64_intdigest(f"{node}#{i}".encode()), node)
+            for node in nodes
+            for i in range(virtual_nodes)
+        )
+        self._points = [p for p, _ in points]
+        self._owners = [n for _, n in points]
+
+    def walk(self, key: int) -> Iterable[str]:
+        """Distinct nodes in ring order from ``key`` (the preference order of that key)."""
+        if not self._points:
+            return
+        start = bisect.bisect_left(self._points, key)
+        seen: set[str] = set()
+        count = len(self._points)
+        for i in range(count):
+            node = self._owners[(start + i) % count]
+            if node not in seen:
+                seen.add(node)
+                yield node
+
+    def pick(self, key: int, allowed: Container[str]) -> str | None:
+        for node in self.walk(key):
+            if node in allowed:
+                return node
+        return None
+
+
+def ring_key(first_block: bytes) -> int:
+    """The ring position of a prefix: the first 8 bytes of its first block's key."""
+    return int.from_bytes(first_block[:8], "big")
+
+
+class Router:
+    """Routes requests by longest weighted prefix, load-aware (see the module docstring)."""
+
+    def __init__(
+        self,
+        registry: PrefixRegistry,
+        config: RouterConfig,
+        hasher: BlockHasher,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._registry = registry
+        self._config = config
+        self._hasher = hasher
+        self._clock = clock
+        self._weights = (
+            config.tier_weights.get("gpu", 1.0),
+            config.tier_weights.get("cpu", 1.0),
+            config.tier_weights.get("nvme", 1.0),
+        )
+        self._ring_nodes: frozenset[str] = frozenset()
+        self._ring = HashRing((), config.virtual_nodes)
+        self._known_nodes: list[str] = []
+        # Requests sent to a node since its last heartbeat, and when that heartbeat was.
+        self._routed_since: dict[str, int] = {}
+        self._beat_at: dict[str, float] = {}
+        self._retry_at = -math.inf
+        self._backoff = config.registry_retry_s
+        self._down = False
+        self._routed = self._by_prefix = self._overrides = 0
+        self._no_match = self._unavailable = self._failures = 0
+
+    # --- public ------------------------------------------------------------------------------
+
+    def route(
+        self,
+        tokens: npt.NDArray[np.integer] | Sequence[int],
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        candidates: Sequence[str] | None = None,
+    ) -> RouteDecision:
+        """Route a prompt: hash its full blocks, then :meth:`route_hashes`."""
+        array = as_token_array(tokens)
+        hashes = self._hasher.hash_chain(array, namespace)
+        fallback_key = None
+        if hashes.size == 0:  # shorter than one block: keep equal short prompts together
+            fallback_key = xxhash.xxh3_64_intdigest(namespace.encode() + array.tobytes())
+        return self._route(hashes, namespace, candidates, fallback_key)
+
+    def route_hashes(
+        self,
+        hashes: BlockHashArray,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        candidates: Sequence[str] | None = None,
+    ) -> RouteDecision:
+        """Route a prompt given as its chain of block keys (depth 0 first)."""
+        return self._route(check_chain(hashes), namespace, candidates, None)
+
+    def stats(self) -> RouterStats:
+        return RouterStats(self._routed, self._by_prefix, self._overrides, self._no_match,
+                           self._unavailable, self._failures)
+
+    @property
+    def registry_down(self) -> bool:
+        return self._down
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _route(
+        self,
+        hashes: BlockHashArray,
+        namespace: str,
+        candidates: Sequence[str] | None,
+        fallback_key: int | None,
+    ) -> RouteDecision:
+        if candidates is not None and not candidates:
+            raise InvalidArgument("candidates is empty: no node to route to")
+        if fallback_key is None:
+            fallback_key = ring_key(
+                hashes[0].tobytes() if hashes.size else self._hasher.root(namespace)
+            )
+        now = self._clock()
+        live: dict[str, NodeInfo] | None = None
+        holdings: dict[str, PrefixHolding] = {}
+        error: RegistryUnavailable | None = None
+        if now >= self._retry_at:
+            try:
+                live = self._registry.live_nodes()
+                if hashes.size and live:
+                    holdings = self._registry.longest_prefix(hashes, namespace)
+                self._registry_up()
+            except RegistryUnavailable as exc:
+                error = exc
+                self._registry_failed(exc, now)
+                live = None
+        if live is None:
+            return self._unavailable_route(hashes, fallback_key, candidates, error)
+        if candidates is not None:
+            allowed = set(candidates)
+            live = {n: info for n, info in live.items() if n in allowed}
+        if not live:
+            raise NoLiveNodes(
+                "no live node to route to"
+                + (f" among candidates {sorted(candidates)}" if candidates is not None else "")
+            )
+        self._known_nodes = sorted(live)
+        return self._score(hashes, live, holdings, fallback_key)
+
+    def _effective_inflight(self, live: dict[str, NodeInfo]) -> dict[str, int]:
+        now = self._clock()
+        out = {}
+        for node_id, info in live.items():
+            beat_at = now - info.heartbeat_age_s
+            if beat_at > self._beat_at.get(node_id, -math.inf) + 1e-6:
+                self._beat_at[node_id] = beat_at
+                self._routed_since[node_id] = 0
+            out[node_id] = info.load.inflight_requests + self._routed_since.get(node_id, 0)
+        return out
+
+    def _score(
+        self,
+        hashes: BlockHashArray,
+        live: dict[str, NodeInfo],
+        holdings: dict[str, PrefixHolding],
+        fallback_key: int,
+    ) -> RouteDecision:
+        config = self._config
+        inflight = self._effective_inflight(live)
+        total = sum(inflight.values())
+        mean = total / len(live)
+        cap = math.ceil(config.imbalance_threshold * (total + 1) / len(live))
+        prompt_blocks = max(1, int(hashes.size))
+        w_gpu, w_cpu, w_nvme = self._weights
+        scores: dict[str, float] = {}
+        eligible: dict[str, float] = {}
+        best_holder, best_weighted = None, 0.0
+        for node_id, info in live.items():
+            holding = holdings.get(node_id)
+            weighted = 0.0
+            if holding is not None:
+                weighted = (w_gpu * holding.gpu_blocks + w_cpu * holding.cpu_blocks
+                            + w_nvme * holding.nvme_blocks)
+                if weighted > best_weighted:
+                    best_holder, best_weighted = node_id, weighted
+            score = (
+                weighted / prompt_blocks
+                - config.load_weight * inflight[node_id] / (mean + 1)
+                + config.free_blocks_weight * info.load.free_fraction
+            )
+            scores[node_id] = score
+            if inflight[node_id] + 1 <= cap:
+                eligible[node_id] = score
+        if not eligible:  # every node at the cap (possible only with threshold < 1 rounding)
+            eligible = dict(scores)
+        holder = holdings.get(best_holder) if best_holder else None
+        eligible_holders = [n for n in eligible if n in holdings]
+        if eligible_holders:
+            top = max(eligible.values())
+            tied = [n for n, s in eligible.items() if s >= top - 1e-12]
+            chosen = tied[0] if len(tied) == 1 else self._ring_for(live).pick(fallback_key, set(tied))
+            assert chosen is not None
+            fallback = None
+            self._by_prefix += 1
+            held = holdings.get(chosen)
+            if best_holder is not None and chosen != best_holder and best_holder not in eligible:
+                self._overrides += 1
+                reason = (
+                    f"{best_holder} holds {holder.num_blocks if holder else 0}/{hashes.size} blocks "
+                    f"but is overloaded ({inflight[best_holder]} in flight, cap {cap}); "
+                    f"chose {chosen} ({_describe(held, hashes.size)}, score {scores[chosen]:.3f})"
+                )
+            else:
+                runner_up = max((s for n, s in eligible.items() if n != chosen), default=None)
+                reason = (
+                    f"prefix: {chosen} {_describe(held, hashes.size)}, score {scores[chosen]:.3f}"
+                    + (f" vs next {runner_up:.3f}" if runner_up is not None else "")
+                    + f", {inflight[chosen]} in flight"
+                )
+        else:
+            chosen = self._ring_for(live).pick(fallback_key, eligible)
+            assert chosen is not None
+            fallback = "no_match"
+            self._no_match += 1
+            held = holdings.get(chosen)
+            if best_holder is not None:
+                self._overrides += 1
+                reason = (
+                    f"{best_holder} holds {holder.num_blocks if holder else 0}/{hashes.size} blocks "
+                    f"but is overloaded ({inflight[best_holder]} in flight, cap {cap}); "
+                    f"ring affinity on the first block -> {chosen}"
+                )
+            else:
+                reason = f"no node holds a leading block; ring affinity on the first block -> {chosen}"
+        self._routed += 1
+        self._routed_since[chosen] = self._routed_since.get(chosen, 0) + 1
+        return RouteDecision(
+            node_id=chosen,
+            matched_blocks=held.num_blocks if held else 0,
+            blocks_per_tier=held.blocks_per_tier if held else {"gpu": 0, "cpu": 0, "nvme": 0},
+            scores=scores,
+            reason=reason,
+            fallback=fallback,
+            prompt_blocks=int(hashes.size),
+            best_holder=best_holder,
+            holder_blocks=holder.num_blocks if holder else 0,
+            holder_in_flight=inflight[best_holder] if best_holder else 0,
+        )
+
+    def _ring_for(self, nodes: Iterable[str]) -> HashRing:
+        key = frozenset(nodes)
+        if key != self._ring_nodes:
+            self._ring_nodes = key
+            self._ring = HashRing(sorted(key), self._config.virtual_nodes)
+        return self._ring
+
+    def _unavailable_route(
+        self,
+        hashes: BlockHashArray,
+        fallback_key: int,
+        candidates: Sequence[str] | None,
+        error: RegistryUnavailable | None,
+    ) -> RouteDecision:
+        nodes = list(candidates) if candidates is not None else self._known_nodes
+        if not nodes:
+            raise RegistryUnavailable(
+                "the registry is unreachable and no node is known yet to route to"
+                + (f": {error}" if error else "")
+            )
+        chosen = self._ring_for(nodes).pick(fallback_key, set(nodes))
+        assert chosen is not None
+        self._routed += 1
+        self._unavailable += 1
+        return RouteDecision(
+            node_id=chosen,
+            matched_blocks=0,
+            blocks_per_tier={"gpu": 0, "cpu": 0, "nvme": 0},
+            scores={},
+            reason=f"registry unavailable; ring affinity on the first block -> {chosen}",
+            fallback="registry_unavailable",
+            prompt_blocks=int(hashes.size),
+        )
+
+    def _registry_failed(self, exc: RegistryUnavailable, now: float) -> None:
+        self._failures += 1
+        if not self._down:
+            logger.warning("prefix registry unavailable, routing by ring affinity: %s", exc)
+            self._down = True
+            self._backoff = self._config.registry_retry_s
+        else:
+            self._backoff = min(self._backoff * 2, self._config.registry_retry_max_s)
+        self._retry_at = now + self._backoff
+
+    def _registry_up(self) -> None:
+        if self._down:
+            logger.warning("prefix registry reachable again after %s failed attempts", self._failures)
+            self._down = False
+            self._backoff = self._config.registry_retry_s
+        self._retry_at = -math.inf
+
+
+def _describe(holding: PrefixHolding | None, prompt_blocks: int) -> str:
+    if holding is None:
+        return f"holds 0/{prompt_blocks} blocks"
+    tiers = ", ".join(f"{t} {n}" for t, n in holding.blocks_per_tier.items() if n)
+    return f"holds {holding.num_blocks}/{prompt_blocks} blocks ({tiers})"
