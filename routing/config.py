@@ -88,15 +88,25 @@ class RouterConfig(BaseModel):
         description="Worth of a cached block on each tier relative to GPU, for scoring.",
     )
     load_weight: float = Field(
-        default=0.5, ge=0, description="How strongly in-flight load lowers a node's score."
+        default=0.1,
+        ge=0,
+        description="How strongly in-flight load (relative to the mean) lowers a node's score.",
     )
     imbalance_threshold: float = Field(
-        default=1.5,
+        default=4.0,
         ge=1.0,
-        description="A node whose load exceeds this multiple of the mean loses cache affinity.",
+        description="A node that would exceed this multiple of the mean in-flight load (bounded "
+        "loads: ceil(threshold * (total + 1) / nodes)) loses cache affinity.",
     )
     virtual_nodes: int = Field(
         default=64, gt=0, description="Points per node on the consistent-hash ring of the fallback."
+    )
+    fallback_choices: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="With no cached prefix anywhere, take the least loaded of this many nodes "
+        "in the ring order of the first block (1 = plain consistent hashing).",
     )
     free_blocks_weight: float = Field(
         default=0.05,

@@ -13,10 +13,13 @@ nodes)`` (consistent hashing with bounded loads, Mirrokni et al. 2018): cache af
 piles more than that on one node. In-flight counts are those of each node's last heartbeat
 plus the requests this router sent it since, so a burst between heartbeats spreads too.
 
-Fallbacks keep a prefix on one node when the registry cannot help: when no eligible node
-holds any leading block, and while the registry is unreachable, the router walks a
-consistent-hash ring (``virtual_nodes`` points per node) from the first block's key to the
-first eligible node. An unreachable registry is logged once per outage, counted, and retried
+Fallbacks keep a prefix on one node when the registry cannot help. When no eligible node
+holds any leading block, the router walks a consistent-hash ring (``virtual_nodes`` points
+per node) from the first block's key and takes the least loaded of the first
+``fallback_choices`` eligible nodes (ties: ring order; 1 = plain consistent hashing): a new
+prefix gets a stable home while one busy node does not collect every new prefix that hashes
+to it (the power of two choices). While the registry is unreachable there is no fresh load,
+so the router takes the first node on the ring of the known nodes. An unreachable registry is logged once per outage, counted, and retried
 after ``registry_retry_s`` (doubling up to ``registry_retry_max_s``); the router recovers by
 itself when it answers again. Every decision carries a one-line explanation.
 
@@ -297,8 +300,7 @@ class Router:
                     + f", {inflight[chosen]} in flight"
                 )
         else:
-            chosen = self._ring_for(live).pick(fallback_key, eligible)
-            assert chosen is not None
+            chosen = self._least_loaded_on_ring(fallback_key, live, eligible, inflight)
             fallback = "no_match"
             self._no_match += 1
             held = holdings.get(chosen)
@@ -325,6 +327,21 @@ class Router:
             holder_blocks=holder.num_blocks if holder else 0,
             holder_in_flight=inflight[best_holder] if best_holder else 0,
         )
+
+    def _least_loaded_on_ring(
+        self, key: int, live: Iterable[str], eligible: Container[str], inflight: dict[str, int]
+    ) -> str:
+        """The least loaded of the first ``fallback_choices`` eligible nodes in the ring order
+        of ``key`` (ties: ring order), so a new prefix has a home of its own, yet one busy
+        node does not take every new prefix that hashes to it."""
+        choices = []
+        for node in self._ring_for(live).walk(key):
+            if node in eligible:
+                choices.append(node)
+                if len(choices) == self._config.fallback_choices:
+                    break
+        assert choices, "the ring holds every live node and at least one is eligible"
+        return min(choices, key=lambda n: inflight[n])
 
     def _ring_for(self, nodes: Iterable[str]) -> HashRing:
         key = frozenset(nodes)

@@ -84,7 +84,7 @@ def test_tier_weights() -> None:
 
 
 def test_load_lowers_the_score() -> None:
-    cluster = Cluster(["a", "b"], imbalance_threshold=10.0)
+    cluster = Cluster(["a", "b"], imbalance_threshold=10.0, load_weight=0.5)
     chain = HASHER.hash_chain(tokens(4))
     cluster.hold("a", chain[:6])
     cluster.hold("b", chain[:5])
@@ -128,7 +128,7 @@ def test_imbalance_threshold_overrides_affinity() -> None:
 
 
 def test_overloaded_holder_loses_to_a_partial_holder() -> None:
-    cluster = Cluster(["a", "b", "c"], load_weight=0.0)
+    cluster = Cluster(["a", "b", "c"], load_weight=0.0, imbalance_threshold=1.5)
     chain = HASHER.hash_chain(tokens(7))
     cluster.hold("a", chain)
     cluster.hold("b", chain[:3])
@@ -301,3 +301,19 @@ def test_holdings_with_stride() -> None:
     assert registry.longest_prefix(chain) == {"a": PrefixHolding(8, 0, 8, 0)}
     decision = Router(registry, RouterConfig(), HASHER, clock=clock).route_hashes(chain)
     assert (decision.node_id, decision.matched_blocks) == ("a", 8)
+
+
+def test_new_prefixes_take_the_less_loaded_of_two_ring_choices() -> None:
+    nodes = [f"n{i}" for i in range(4)]
+    cluster = Cluster(nodes, fallback_choices=2)
+    chain = HASHER.hash_chain(tokens(13))
+    key = ring_key(chain[0].tobytes())
+    first, second = list(HashRing(nodes, 64).walk(key))[:2]
+    assert cluster.router.route_hashes(chain).node_id == first
+    for node in nodes:
+        cluster.load(node, 3 if node == first else 0)
+    assert cluster.router.route_hashes(chain).node_id == second
+    plain = Cluster(nodes, fallback_choices=1)
+    for node in nodes:
+        plain.load(node, 3 if node == first else 0)
+    assert plain.router.route_hashes(chain).node_id == first
