@@ -38,15 +38,15 @@ Concurrency: not thread-safe. The owner (the node engine) serialises every call.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from kvcluster.core.block_pool import BlockPool
 from kvcluster.core.eviction import EVICTION_REASONS, EvictionPolicy, EvictionReason, make_policy
+from kvcluster.core.prefix_invariants import check_index_invariants
+from kvcluster.core.prefix_pins import PinRecord, pins_to_displace
 from kvcluster.core.prefix_records import (
     CacheStats,
     EvictedBlock,
@@ -57,6 +57,16 @@ from kvcluster.core.prefix_records import (
     PrefixMatch,
 )
 from kvcluster.core.radix_node import ID_BYTES, RadixNode, ids_from_bytes
+from kvcluster.core.radix_node import path_of as _path_of
+from kvcluster.core.radix_walk import (
+    block_at,
+    common_prefix,
+    descend,
+    join_ids,
+    packed_bounds,
+    token_arrays,
+    validated_items,
+)
 from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array, check_token_range
 from kvcluster.errors import InvalidArgument, LeaseError, PinBudgetExceeded
 
@@ -67,66 +77,6 @@ EvictionListener = Callable[[EvictedBlock], None]
 
 #: Edges shorter than this many tokens find their first mismatch by binary search over
 #: ``startswith`` (a few C calls); longer ones with one vectorised numpy comparison.
-_BISECT_TOKENS = 64
-_INT64 = np.dtype(np.int64)
-
-
-def _common_prefix(key: bytes, query: bytes, pos: int, end: int) -> int:
-    """Bytes (a multiple of 8, at least 8) that ``key`` shares with ``query[pos:end]``.
-
-    The caller knows the first token matches (it found the child by it).
-    """
-    limit = min(len(key), end - pos) // ID_BYTES
-    if limit <= _BISECT_TOKENS:
-        view = memoryview(query)
-        low, high = 1, limit
-        while low < high:
-            mid = (low + high + 1) >> 1
-            if key.startswith(view[pos : pos + mid * ID_BYTES]):
-                low = mid
-            else:
-                high = mid - 1
-        return low * ID_BYTES
-    stored = np.frombuffer(key, dtype=np.int64, count=limit)
-    given = np.frombuffer(query, dtype=np.int64, count=limit, offset=pos)
-    differs = stored != given
-    first = int(differs.argmax())
-    return (first if differs[first] else limit) * ID_BYTES
-
-
-def _descend(root: RadixNode, query: bytes, pos: int = 0, end: int | None = None) -> tuple[RadixNode, int]:
-    """Walk ``query[pos:end]`` (int64 bytes) down from ``root``.
-
-    Returns the node the longest match ends in and the byte offset in ``query`` where the
-    match ends. The node is either the one whose end the walk stopped at, or a child whose
-    edge matched only partly (``start < match < end``); the root for a miss.
-    """
-    node = root
-    if end is None:
-        end = len(query)
-    while pos < end:
-        child = node.children.get(query[pos : pos + ID_BYTES])
-        if child is None:
-            return node, pos
-        key = child.key
-        if query.startswith(key, pos, end):
-            pos += len(key)
-            node = child
-            continue
-        return child, pos + _common_prefix(key, query, pos, end)
-    return node, pos
-
-
-@dataclass(slots=True)
-class _Pin:
-    namespace: str
-    key: bytes
-    priority: int
-    seq: int
-    end: RadixNode
-    tokens: int
-
-
 class PrefixIndex:
     """Longest-prefix index of the K/V blocks cached in one block pool.
 
@@ -194,7 +144,7 @@ class PrefixIndex:
         self._pinned_blocks = 0
         self._leases: dict[int, Lease] = {}
         self._next_lease_id = 1
-        self._pins: dict[tuple[str, bytes], _Pin] = {}
+        self._pins: dict[tuple[str, bytes], PinRecord] = {}
         self._next_pin_seq = 0
 
         self._hits = 0
@@ -245,7 +195,7 @@ class PrefixIndex:
         if root is None:
             node, pos = None, 0
         else:
-            node, pos = _descend(root, query)
+            node, pos = descend(root, query)
         matched = pos >> 3
         if matched < self._min_prefix:
             matched = pos = 0
@@ -276,20 +226,32 @@ class PrefixIndex:
         """
         if type(namespace) is not str:
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
-        arrays = _token_arrays(prompts, "prompt")
+        arrays = token_arrays(prompts, "prompt")
         bounds = [0]
         for array in arrays:
             bounds.append(bounds[-1] + array.size * ID_BYTES)
-        if not arrays:
-            return MatchBatch(namespace, self._bs, b"", bounds, [], [])
-        joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        check_token_range(joined, 0, self._vocab)
-        buffer = joined.tobytes()
+        buffer = join_ids(arrays)
+        check_token_range(ids_from_bytes(buffer), 0, self._vocab)
+        return self._lookup_buffer(buffer, bounds, namespace)
+
+    def lookup_packed(self, tokens: TokenInput, offsets: Sequence[int] | Int64Array, namespace: str = "default") -> MatchBatch:
+        """``lookup_many`` for prompts packed back to back: prompt ``i`` is
+        ``tokens[offsets[i]:offsets[i + 1]]`` (``offsets`` starts at 0, ends at ``len(tokens)``
+        and strictly increases), the layout of a batched prefill. Validated as a whole first."""
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        array = as_token_array(tokens)
+        bounds, _ = packed_bounds(offsets, array.size)
+        check_token_range(array, 0, self._vocab)
+        return self._lookup_buffer(array.tobytes(), bounds, namespace)
+
+    def _lookup_buffer(self, buffer: bytes, bounds: list[int], namespace: str) -> MatchBatch:
+        """Look up validated prompts ``buffer[bounds[i]:bounds[i + 1]]`` (byte offsets)."""
+        count = len(bounds) - 1
         root = self._roots.get(namespace)
-        count = len(arrays)
-        if root is None:
+        if root is None or not count:
             self._misses += count
-            self._lookup_tokens += joined.size
+            self._lookup_tokens += len(buffer) >> 3
             return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count)
         now = self._clock()
         touch = self._policy.touch_path
@@ -311,7 +273,7 @@ class PrefixIndex:
                     pos += len(key)
                     node = child
                     continue
-                pos += _common_prefix(key, buffer, pos, end)
+                pos += common_prefix(key, buffer, pos, end)
                 node = child
                 break
             if pos == start or pos - start < shortest:
@@ -327,7 +289,7 @@ class PrefixIndex:
         self._hits += hits
         self._misses += count - hits
         self._hit_tokens += hit_bytes >> 3
-        self._lookup_tokens += joined.size
+        self._lookup_tokens += len(buffer) >> 3
         return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes)
 
     # --- leases --------------------------------------------------------------------------------
@@ -382,8 +344,9 @@ class PrefixIndex:
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
         array = as_token_array(tokens)
         table = as_block_table(block_ids, -(-array.size // self._bs), self._pool.num_blocks)
+        check_token_range(array, 0, self._vocab)
         self._check_allocated(table)
-        done = self._insert_validated([(array, table)], namespace)
+        done = self._insert_validated([array.size], array.tobytes(), table.tobytes(), namespace)
         return InsertResult(done.cached_tokens, done.new_tokens, done.adopted_blocks, done.splits > 0, done.skipped > 0)
 
     def insert_many(
@@ -400,31 +363,41 @@ class PrefixIndex:
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
         bs = self._bs
         num_blocks = self._pool.num_blocks
-        batch: list[tuple[Int64Array, Int64Array]] = []
-        for i, (tokens, block_ids) in enumerate(items):
-            array = tokens
-            if type(array) is not np.ndarray or array.dtype is not _INT64 or array.ndim != 1 or not array.size:
-                array = as_token_array(tokens, f"item {i}: tokens")
-            table = block_ids
-            if (
-                type(table) is not np.ndarray
-                or table.dtype is not _INT64
-                or table.ndim != 1
-                or table.size != -(-array.size // bs)
-            ):
-                table = as_block_table(block_ids, -(-array.size // bs), num_blocks, f"item {i}: block_ids")
-            batch.append((array, table))
-        if not batch:
+        arrays, tables = validated_items(items, bs, num_blocks)
+        if not arrays:
             return InsertBatchResult(0, 0, 0, 0, 0, 0)
         # Every token and every block id of the batch in one vectorised check each.
-        all_tokens = np.concatenate([a for a, _ in batch])
-        all_blocks = np.concatenate([t for _, t in batch])
+        token_bytes = join_ids(arrays)
+        block_bytes = join_ids(tables)
+        all_tokens = ids_from_bytes(token_bytes)
+        all_blocks = ids_from_bytes(block_bytes)
         check_token_range(all_tokens, 0, self._vocab)
         if all_blocks.size and (all_blocks.min() < 0 or all_blocks.max() >= num_blocks):
             bad = all_blocks[(all_blocks < 0) | (all_blocks >= num_blocks)]
             raise InvalidArgument(f"block id {int(bad[0])} is outside the pool [0, {num_blocks})")
         self._check_allocated(all_blocks)
-        return self._insert_validated(batch, namespace)
+        return self._insert_validated([a.size for a in arrays], token_bytes, block_bytes, namespace)
+
+    def insert_packed(
+        self,
+        tokens: TokenInput,
+        offsets: Sequence[int] | Int64Array,
+        block_ids: Sequence[int] | Int64Array,
+        namespace: str = "default",
+    ) -> InsertBatchResult:
+        """``insert_many`` for sequences packed back to back: sequence ``i`` is
+        ``tokens[offsets[i]:offsets[i + 1]]`` and its block table the next
+        ``ceil(len_i / block_size)`` ids of ``block_ids`` (tables packed in the same order).
+        All validation is vectorised; all or nothing."""
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        array = as_token_array(tokens)
+        num_blocks = self._pool.num_blocks
+        _, sizes = packed_bounds(offsets, array.size)
+        table = as_block_table(block_ids, sum(-(-n // self._bs) for n in sizes), num_blocks)
+        check_token_range(array, 0, self._vocab)
+        self._check_allocated(table)
+        return self._insert_validated(sizes, array.tobytes(), table.tobytes(), namespace)
 
     def _check_allocated(self, block_ids: Int64Array) -> None:
         if block_ids.size:
@@ -434,8 +407,9 @@ class PrefixIndex:
                     f"block(s) {block_ids[free][:8].tolist()} are free; only allocated blocks can be cached"
                 )
 
-    def _insert_validated(self, batch: list[tuple[Int64Array, Int64Array]], namespace: str) -> InsertBatchResult:
-        """Insert validated items and return the totals.
+    def _insert_validated(self, sizes: list[int], tokens: bytes, blocks: bytes, namespace: str) -> InsertBatchResult:
+        """Insert validated items of ``sizes`` tokens (``tokens``/``blocks``: every item's
+        token ids and block table, concatenated, as int64 bytes) and return the totals.
 
         The tree is changed item by item (later items see earlier ones), but references,
         policy membership and touches are applied once at the end, after the batch-wide
@@ -447,6 +421,7 @@ class PrefixIndex:
         created_root = root is None
         if root is None:
             root = RadixNode(b"", 0, None, b"", namespace, 0, now)
+            root.terminal = False
             self._roots[namespace] = root
         live = self._live
         created: list[RadixNode] = []  # new leaves and split-off upper nodes, in order
@@ -454,49 +429,70 @@ class PrefixIndex:
         straddles: list[int] = []
         pinned_straddles: list[int] = []
         touched: list[RadixNode] = []
-        cached_tokens = new_tokens = splits = skipped = 0
-        min_prefix = self._min_prefix
+        marked: list[RadixNode] = []  # existing nodes that became the end of a sequence
+        new_bytes = splits = skipped = 0
+        shortest = self._min_prefix * ID_BYTES
         next_id = self._next_node_id
-        for array, table in batch:
-            size = array.size
-            if size < min_prefix:
+        size_array = np.asarray(sizes, dtype=np.int64)
+        bounds = [0, *np.cumsum(size_array * ID_BYTES).tolist()]
+        block_bounds = [0, *np.cumsum(-(-size_array // bs) * ID_BYTES).tolist()]
+        for start, end, block_start, block_end in zip(bounds, bounds[1:], block_bounds, block_bounds[1:]):
+            if end - start < shortest:
                 skipped += 1
                 continue
-            query = array.tobytes()
-            node, pos = _descend(root, query)
-            depth = pos >> 3
-            cached_tokens += depth
-            if depth == size:
-                if depth:
-                    touched.append(node)
-                continue
-            if depth < node.end:
+            # _descend, inlined (no tuple per item: this loop is the hot path of inserts).
+            node = root
+            pos = start
+            first = b""
+            while pos < end:
+                first = tokens[pos : pos + ID_BYTES]
+                child = node.children.get(first)
+                if child is None:
+                    break
+                key = child.key
+                if tokens.startswith(key, pos, end):
+                    pos += len(key)
+                    node = child
+                    continue
+                pos += common_prefix(key, tokens, pos, end)
+                node = child
+                first = tokens[pos : pos + ID_BYTES]
+                break
+            depth = (pos - start) >> 3
+            if depth < node.end:  # the walk stopped inside node's edge: split it there
                 splits += 1
                 self._next_node_id = next_id
                 parent = self._split(node, depth, now, track=False)
                 next_id = self._next_node_id
                 created.append(parent)
                 if depth % bs:
-                    block = _block_at(node.path_blocks, depth // bs)
+                    block = block_at(node.path_blocks, depth // bs)
                     straddles.append(block)
                     if node.pin_count:
                         pinned_straddles.append(block)
             else:
                 parent = node
+            if pos == end:  # already cached: keep its blocks, mark where this sequence ends
+                if not parent.terminal:
+                    parent.terminal = True
+                    marked.append(parent)
+                touched.append(parent)
+                continue
             low = (depth // bs) * ID_BYTES
-            own = table.tobytes()[low:]
-            leaf = RadixNode(query[pos:], depth, parent, parent.path_blocks[:low] + own, namespace, next_id, now)
+            own = blocks[block_start + low : block_end]
+            key = tokens[pos:end]
+            leaf = RadixNode(key, depth, parent, parent.path_blocks[:low] + own, namespace, next_id, now)
             children = parent.children
             if children:
-                children[query[pos : pos + ID_BYTES]] = leaf
+                children[first] = leaf
             else:  # a leaf's children are a shared read-only empty mapping (see RadixNode)
-                parent.children = {query[pos : pos + ID_BYTES]: leaf}
+                parent.children = {first: leaf}
             live[next_id] = leaf
             next_id += 1
             created.append(leaf)
             adopted.append(own)
             touched.append(leaf)
-            new_tokens += size - depth
+            new_bytes += len(key)
         self._next_node_id = next_id
 
         new_ids = ids_from_bytes(b"".join(adopted)) if adopted else np.empty(0, dtype=np.int64)
@@ -511,6 +507,8 @@ class PrefixIndex:
             elif new_ids.size > 1 and np.unique(new_ids).size != new_ids.size:
                 problem = "two items of the batch claim the same block for different tokens"
         if problem is not None:
+            for node in marked:
+                node.terminal = False
             self._rollback(created, tracked=False)
             if created_root:
                 del self._roots[namespace]
@@ -529,11 +527,13 @@ class PrefixIndex:
         policy = self._policy
         policy.track_many([n for n in created if not n.pin_count])
         policy.touch_many(touched, now)
-        self._inserts += len(batch)
+        new_tokens = new_bytes >> 3
+        considered = sum(n for n in sizes if n >= self._min_prefix) if skipped else len(tokens) >> 3
+        self._inserts += len(sizes)
         self._inserted_tokens += new_tokens
         if self._memory_budget is not None:
             self.enforce_memory_budget()
-        return InsertBatchResult(len(batch), cached_tokens, new_tokens, new_ids.size, splits, skipped)
+        return InsertBatchResult(len(sizes), considered - new_tokens, new_tokens, new_ids.size, splits, skipped)
 
     def _split(self, node: RadixNode, at: int, now: float, *, track: bool) -> RadixNode:
         """Split ``node``'s edge at token position ``at`` (``start < at < end``); return the new
@@ -551,6 +551,7 @@ class PrefixIndex:
         upper.freq = node.freq
         upper.last_access = node.last_access
         upper.pin_count = node.pin_count
+        upper.terminal = False
         parent.children[node.key[:ID_BYTES]] = upper
         node.key = node.key[cut:]
         node.start = at
@@ -652,21 +653,25 @@ class PrefixIndex:
         return int(np.count_nonzero((tree > 0) & (rc == tree) & (self._pin_refs == 0)))
 
     def remove(self, tokens: TokenInput, namespace: str = "default") -> int:
-        """Drop the cached K/V of exactly ``tokens`` that no other cached sequence shares: the
-        leaf ending at ``len(tokens)`` and every ancestor left without children, up to the first
-        shared or pinned node. Returns the blocks freed (0 if ``tokens`` does not end a leaf).
-        Blocks still held by sequences or leases stay allocated with their holders."""
+        """Forget the cached sequence ``tokens`` (as inserted): it no longer ends a sequence, and
+        the nodes left empty (a leaf that ends no other inserted sequence, then its parent if
+        that leaves it the same way, and so on) are pruned, up to a pinned node. Returns the
+        blocks freed: 0 when ``tokens`` was never inserted or is a prefix of other cached
+        sequences. Blocks still held by sequences or leases stay with their holders."""
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
         array = as_token_array(tokens)
-        root = self._roots.get(namespace) if type(namespace) is str else None
+        root = self._roots.get(namespace)
         if root is None:
             return 0
-        node, pos = _descend(root, array.tobytes())
-        if pos >> 3 != array.size or node.end != array.size or node.children or node.pin_count:
+        node, pos = descend(root, array.tobytes())
+        if pos >> 3 != array.size or node.end != array.size or not node.terminal:
             return 0
+        node.terminal = False
         freed = 0
-        current: RadixNode | None = node
-        while current is not None and current.parent is not None and not current.children and not current.pin_count:
-            parent: RadixNode | None = current.parent
+        current = node
+        while current.parent is not None and not current.children and not current.terminal and not current.pin_count:
+            parent = current.parent
             freed += self._drop(current, "explicit")
             current = parent
         return freed
@@ -752,7 +757,7 @@ class PrefixIndex:
         root = self._roots.get(namespace)
         if root is None:
             return 0
-        node, pos = _descend(root, query)
+        node, pos = descend(root, query)
         depth = pos >> 3
         if depth == 0:
             return 0
@@ -768,7 +773,7 @@ class PrefixIndex:
             end = upper
         else:
             end = node
-        displaced = self._fit_pin_budget(end, priority, replacing=existing)
+        displaced = pins_to_displace(self._pins.values(), end, priority, existing, self._pin_budget, self._bs)
         if displaced is None:
             if upper is not None:
                 self._rollback([upper], tracked=True)
@@ -778,7 +783,7 @@ class PrefixIndex:
                 "raise pin_budget_fraction"
             )
         if upper is not None and depth % self._bs:
-            straddle = np.array([_block_at(node.path_blocks, depth // self._bs)], dtype=np.int64)
+            straddle = np.array([block_at(node.path_blocks, depth // self._bs)], dtype=np.int64)
             self._pool.incref(straddle)
             self._tree_refs[straddle] += 1
             if node.pin_count:
@@ -790,14 +795,14 @@ class PrefixIndex:
         if existing is not None:
             del self._pins[key]
             self._unpin_record(existing, touch=True)
-        for n in self._path(end):
+        for n in _path_of(end):
             if n.pin_count == 0:
                 self._policy.untrack(n)
                 own = n.own_blocks(self._bs)
                 np.add.at(self._pin_refs, own, 1)
             n.pin_count += 1
         self._pinned_blocks = int(np.count_nonzero(self._pin_refs))
-        self._pins[key] = _Pin(namespace, query, priority, self._next_pin_seq, end, depth)
+        self._pins[key] = PinRecord(namespace, query, priority, self._next_pin_seq, end, depth)
         self._next_pin_seq += 1
         return depth
 
@@ -815,44 +820,10 @@ class PrefixIndex:
         """``(namespace, pinned tokens, priority)`` of every pin, oldest first."""
         return [(p.namespace, p.tokens, p.priority) for p in sorted(self._pins.values(), key=lambda p: p.seq)]
 
-    @staticmethod
-    def _path(node: RadixNode) -> list[RadixNode]:
-        """``node`` and its ancestors below the root, deepest first."""
-        out = []
-        current: RadixNode | None = node
-        while current is not None and current.parent is not None:
-            out.append(current)
-            current = current.parent
-        return out
-
-    def _pinned_blocks_with(self, ends: list[RadixNode]) -> int:
-        """Distinct blocks pinned if exactly the pins ending at ``ends`` were held."""
-        nodes: dict[int, RadixNode] = {}
-        for end in ends:
-            for n in self._path(end):
-                nodes[n.node_id] = n
-        if not nodes:
-            return 0
-        return int(np.unique(np.concatenate([n.own_blocks(self._bs) for n in nodes.values()])).size)
-
-    def _fit_pin_budget(self, end: RadixNode, priority: int, replacing: _Pin | None) -> list[_Pin] | None:
-        """The pins to displace so a pin ending at ``end`` fits the budget ([] if it fits as
-        is), or None if even displacing every lower-priority pin is not enough."""
-        kept = [p for p in self._pins.values() if p is not replacing]
-        if self._pinned_blocks_with([p.end for p in kept] + [end]) <= self._pin_budget:
-            return []
-        displaced: list[_Pin] = []
-        for record in sorted((p for p in kept if p.priority < priority), key=lambda p: (p.priority, p.seq)):
-            displaced.append(record)
-            kept.remove(record)
-            if self._pinned_blocks_with([p.end for p in kept] + [end]) <= self._pin_budget:
-                return displaced
-        return None
-
-    def _unpin_record(self, record: _Pin, *, touch: bool) -> None:
+    def _unpin_record(self, record: PinRecord, *, touch: bool) -> None:
         now = self._clock()
         released = []
-        for n in self._path(record.end):
+        for n in _path_of(record.end):
             n.pin_count -= 1
             if n.pin_count == 0:
                 np.subtract.at(self._pin_refs, n.own_blocks(self._bs), 1)
@@ -896,83 +867,3 @@ class PrefixIndex:
     def check_invariants(self) -> None:
         """Assert the tree, the reference counts, the pins and the policy agree (for tests)."""
         check_index_invariants(self)
-
-
-def _token_arrays(prompts: Iterable[TokenInput], what: str) -> list[Int64Array]:
-    """Each prompt as a non-empty 1-D int64 array (int64 arrays pass through untouched)."""
-    arrays = []
-    for i, prompt in enumerate(prompts):
-        if type(prompt) is np.ndarray and prompt.dtype is _INT64 and prompt.ndim == 1 and prompt.size:
-            arrays.append(prompt)
-        else:
-            arrays.append(as_token_array(prompt, f"{what} {i}"))
-    return arrays
-
-
-def _block_at(path_blocks: bytes, index: int) -> int:
-    """Block id number ``index`` of a node's ``path_blocks``."""
-    return int.from_bytes(path_blocks[index * ID_BYTES : (index + 1) * ID_BYTES], sys.byteorder, signed=True)
-
-
-def check_index_invariants(index: PrefixIndex, *, deep: bool = True) -> None:
-    """Assert every invariant of ``index`` (O(nodes + blocks); used by the tests)."""
-    bs = index._bs
-    tree = np.zeros_like(index._tree_refs)
-    pin_refs = np.zeros_like(index._pin_refs)
-    seen: dict[int, RadixNode] = {}
-    pin_counts: dict[int, int] = {}
-    for record in index._pins.values():
-        n: RadixNode | None = record.end
-        assert record.end.node_id in index._live, f"pin of {record.tokens} tokens ends in a dead node"
-        assert record.end.end == record.tokens, "a pin does not end at its node's end"
-        while n is not None and n.parent is not None:
-            pin_counts[n.node_id] = pin_counts.get(n.node_id, 0) + 1
-            n = n.parent
-    for namespace, root in index._roots.items():
-        assert root.parent is None and root.key == b"" and root.end == 0 and root.namespace == namespace
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            for first, child in node.children.items():
-                assert child.parent is node, f"{child} has the wrong parent"
-                assert child.key and len(child.key) % ID_BYTES == 0, f"{child} has a bad key"
-                assert child.key[:ID_BYTES] == first, f"{child} is filed under the wrong first token"
-                assert child.start == node.end, f"{child} does not start where its parent ends"
-                assert child.end == child.start + len(child.key) // ID_BYTES
-                assert child.namespace == namespace
-                assert len(child.path_blocks) == -(-child.end // bs) * ID_BYTES, f"{child} path length"
-                shared = (child.start // bs) * ID_BYTES
-                assert child.path_blocks[:shared] == node.path_blocks[:shared], f"{child} path differs from parent's"
-                assert index._live.get(child.node_id) is child, f"{child} missing from the live map"
-                assert child.pin_count == pin_counts.get(child.node_id, 0), f"{child} pin count"
-                own = child.own_blocks(bs)
-                assert np.unique(own).size == own.size, f"{child} holds a block twice"
-                np.add.at(tree, own, 1)
-                if child.pin_count:
-                    np.add.at(pin_refs, own, 1)
-                seen[child.node_id] = child
-                stack.append(child)
-    assert len(seen) == len(index._live), "live map holds nodes outside the trees"
-    assert np.array_equal(tree, index._tree_refs), "tree reference counts drifted"
-    assert np.array_equal(pin_refs, index._pin_refs), "pin reference counts drifted"
-    assert index._blocks_used == int(np.count_nonzero(tree)), "blocks_used drifted"
-    assert index._pinned_blocks == int(np.count_nonzero(pin_refs)), "pinned_blocks drifted"
-    assert index._pinned_blocks <= index._pin_budget or not index._pins, "pins exceed the budget"
-    held = index.held_refs()
-    rc = index._pool.ref_counts_view()
-    assert np.all(rc >= held), "the index holds more references than the pool counts"
-    policy = index._policy
-    tracked = [n for n in seen.values() if not n.pin_count]
-    assert len(policy) == len(tracked), f"policy tracks {len(policy)} nodes, expected {len(tracked)}"
-    if deep:
-        order = policy.order()
-        assert len(order) == len(tracked) and set(map(id, order)) == set(map(id, tracked))
-        position = {id(n): i for i, n in enumerate(order)}
-        for n in order:
-            parent = n.parent
-            if parent is not None and parent.parent is not None and not parent.pin_count:
-                assert position[id(parent)] > position[id(n)], f"{parent} is ahead of its child {n}"
-        if policy.uses_recency:
-            recency = list(policy.iter_recency())
-            times = [n.last_access for n in recency]
-            assert times == sorted(times), "recency order is not sorted by last use"

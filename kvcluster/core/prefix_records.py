@@ -261,7 +261,7 @@ class MatchBatch(SequenceABC[PrefixMatch]):
 
     @property
     def total_tokens(self) -> npt.NDArray[np.int64]:
-        return np.diff(np.asarray(self._bounds, dtype=np.int64)) // ID_BYTES
+        return np.asarray(np.diff(np.asarray(self._bounds, dtype=np.int64)) // ID_BYTES, dtype=np.int64)
 
     @property
     def hits(self) -> int:

@@ -58,6 +58,7 @@ class RadixNode:
     ``node_id``: unique within the index, never reused (matches name their node by it).
     ``last_access``/``freq``: recency (clock seconds) and use count, read by the policies.
     ``pin_count``: pins covering this node; a pinned node is never evicted.
+    ``terminal``: an inserted sequence ends exactly here (what ``remove`` forgets).
     """
 
     __slots__ = (
@@ -72,6 +73,7 @@ class RadixNode:
         "path_blocks",
         "pin_count",
         "start",
+        "terminal",
     )
 
     def __init__(
@@ -95,6 +97,7 @@ class RadixNode:
         self.last_access = now
         self.freq = 0
         self.pin_count = 0
+        self.terminal = True
 
     def __repr__(self) -> str:
         return (
@@ -126,3 +129,13 @@ class RadixNode:
             keys.append(node.key)
             node = node.parent
         return b"".join(reversed(keys))
+
+
+def path_of(node: RadixNode) -> list[RadixNode]:
+    """``node`` and its ancestors below the root, deepest first."""
+    out = []
+    current: RadixNode | None = node
+    while current is not None and current.parent is not None:
+        out.append(current)
+        current = current.parent
+    return out

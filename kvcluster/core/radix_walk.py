@@ -1,0 +1,138 @@
+"""Walking the prefix index's radix tree over int64 bytes, and packing prompts for it.
+
+Everything here works on ``bytes`` of native int64 ids (see :mod:`kvcluster.core.radix_node`):
+an edge is matched with one ``bytes.startswith`` (``memcmp``) and the first differing token is
+found by a few ``startswith`` calls (short edges) or one vectorised numpy comparison (long
+ones), never by a Python loop over tokens. Batches of prompts are joined into one buffer with
+one C call and walked with offsets, so a batch costs no per-prompt copies.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from kvcluster.core.radix_node import ID_BYTES, RadixNode
+from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array
+from kvcluster.errors import InvalidArgument
+
+Int64Array = npt.NDArray[np.int64]
+
+BISECT_TOKENS = 64
+INT64 = np.dtype(np.int64)
+
+
+def common_prefix(key: bytes, query: bytes, pos: int, end: int) -> int:
+    """Bytes (a multiple of 8, at least 8) that ``key`` shares with ``query[pos:end]``.
+
+    The caller knows the first token matches (it found the child by it).
+    """
+    limit = min(len(key), end - pos) // ID_BYTES
+    if limit <= BISECT_TOKENS:
+        view = memoryview(query)
+        low, high = 1, limit
+        while low < high:
+            mid = (low + high + 1) >> 1
+            if key.startswith(view[pos : pos + mid * ID_BYTES]):
+                low = mid
+            else:
+                high = mid - 1
+        return low * ID_BYTES
+    stored = np.frombuffer(key, dtype=np.int64, count=limit)
+    given = np.frombuffer(query, dtype=np.int64, count=limit, offset=pos)
+    differs = stored != given
+    first = int(differs.argmax())
+    return (first if differs[first] else limit) * ID_BYTES
+
+
+def descend(root: RadixNode, query: bytes, pos: int = 0, end: int | None = None) -> tuple[RadixNode, int]:
+    """Walk ``query[pos:end]`` (int64 bytes) down from ``root``.
+
+    Returns the node the longest match ends in and the byte offset in ``query`` where the
+    match ends. The node is either the one whose end the walk stopped at, or a child whose
+    edge matched only partly (``start < match < end``); the root for a miss.
+    """
+    node = root
+    if end is None:
+        end = len(query)
+    while pos < end:
+        child = node.children.get(query[pos : pos + ID_BYTES])
+        if child is None:
+            return node, pos
+        key = child.key
+        if query.startswith(key, pos, end):
+            pos += len(key)
+            node = child
+            continue
+        return child, pos + common_prefix(key, query, pos, end)
+    return node, pos
+
+
+def token_arrays(prompts: Iterable[TokenInput], what: str) -> list[Int64Array]:
+    """Each prompt as a non-empty 1-D int64 array (int64 arrays pass through untouched)."""
+    arrays: list[Int64Array] = []
+    for i, prompt in enumerate(prompts):
+        if type(prompt) is np.ndarray and prompt.dtype is INT64 and prompt.ndim == 1 and prompt.size:
+            arrays.append(cast(Int64Array, prompt))
+        else:
+            arrays.append(as_token_array(prompt, f"{what} {i}"))
+    return arrays
+
+
+def validated_items(
+    items: Iterable[tuple[TokenInput, Any]], block_size: int, num_blocks: int
+) -> tuple[list[Int64Array], list[Int64Array]]:
+    """The token arrays and block tables of ``(tokens, block_ids)`` items, shapes checked.
+
+    Token values and block ranges are left to one vectorised check over the whole batch;
+    int64 arrays of the right length pass through untouched.
+    """
+    arrays: list[Int64Array] = []
+    tables: list[Int64Array] = []
+    for i, (tokens, block_ids) in enumerate(items):
+        array = tokens
+        if type(array) is not np.ndarray or array.dtype is not INT64 or array.ndim != 1 or not array.size:
+            array = as_token_array(tokens, f"item {i}: tokens")
+        needed = -(-array.size // block_size)
+        table = block_ids
+        if type(table) is not np.ndarray or table.dtype is not INT64 or table.ndim != 1 or table.size != needed:
+            table = as_block_table(block_ids, needed, num_blocks, f"item {i}: block_ids")
+        arrays.append(cast(Int64Array, array))
+        tables.append(table)
+    return arrays, tables
+
+
+def join_ids(arrays: list[Int64Array]) -> bytes:
+    """The arrays' int64 bytes, concatenated (one C call when all are contiguous)."""
+    buffers = cast(list[Any], arrays)
+    try:
+        return b"".join(buffers)
+    except TypeError:  # a non-contiguous view: bytes.join needs simple buffers
+        return b"".join([cast(Any, np.ascontiguousarray(a)) for a in buffers])
+
+
+def packed_bounds(offsets: Any, total: int) -> tuple[list[int], list[int]]:
+    """Byte bounds and sizes of packed prompts, or :class:`InvalidArgument`."""
+    try:
+        raw = np.asarray(offsets)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"offsets must be a 1-D sequence of integers: {exc}") from None
+    if raw.ndim != 1 or raw.size < 2 or raw.dtype == np.bool_ or not np.issubdtype(raw.dtype, np.integer):
+        raise InvalidArgument(f"offsets must be a 1-D integer sequence of at least 2 entries, got {offsets!r:.80}")
+    points = raw.astype(np.int64)
+    sizes = np.diff(points)
+    if points[0] != 0 or points[-1] != total or np.any(sizes <= 0):
+        raise InvalidArgument(
+            f"offsets must start at 0, end at len(tokens) = {total} and strictly increase "
+            "(no empty prompt)"
+        )
+    return (points * ID_BYTES).tolist(), sizes.tolist()
+
+
+def block_at(path_blocks: bytes, index: int) -> int:
+    """Block id number ``index`` of a node's ``path_blocks``."""
+    return int.from_bytes(path_blocks[index * ID_BYTES : (index + 1) * ID_BYTES], sys.byteorder, signed=True)
