@@ -305,7 +305,7 @@ def simulate(requests: Sequence[TraceRequest], config: SimulationConfig,
     return SimulationReport(config, len(requests), unique, capacity, inf_rate, inf_saved, results)
 
 
-class _Cluster:
+class SimulatedCluster:
     """Simulated nodes: caches, in-flight requests, and (for the router) the registry."""
 
     def __init__(self, config: SimulationConfig, capacity: int, registry: InMemoryRegistry | None) -> None:
@@ -373,7 +373,7 @@ def _run_policy(policy: str, requests: Sequence[TraceRequest], config: Simulatio
         timed = _TimedRegistry(registry)
         # The hasher only keys prompts shorter than one block; trace prompts are routed by ids.
         router = Router(timed, config.router, BlockHasher("xxh3_128", config.block_tokens), clock=clock)  # type: ignore[arg-type]
-    cluster = _Cluster(config, capacity, registry)
+    cluster = SimulatedCluster(config, capacity, registry)
     ring = HashRing(cluster.node_ids, config.router.virtual_nodes)
     rng = random.Random(config.seed)
     choose: Callable[[int, BlockHashArray], str]
