@@ -16,7 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +302,7 @@ def test_every_ray_driver_runs_on_a_ray_node(
     for step in steps:
         is_driver = (
             (step.argv[0] == "kvcluster" and len(step.argv) > 1 and step.argv[1] in DRIVER_COMMANDS)
-            or "--address" in step.argv and step.argv[:2] != ("ray", "start")
+            or ("--address" in step.argv and step.argv[:2] != ("ray", "start"))
             or ("pytest" in step.argv and TEST_ADDRESS_VAR in _environment(services[step.service]))
         )
         if not is_driver or step.service in raylet_services:
@@ -346,8 +345,14 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def _pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    data: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return data
+
+
 def _top_level_packages() -> list[str]:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pyproject = _pyproject()
     patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     roots = {p.split("*")[0].split(".")[0] for p in patterns}
     return sorted(r for r in roots if (ROOT / r / "__init__.py").is_file())
@@ -387,5 +392,5 @@ def test_constraints_pin_torch() -> None:
 
 
 def test_the_kvcluster_console_script_exists() -> None:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pyproject = _pyproject()
     assert pyproject["project"]["scripts"]["kvcluster"] == "kvcluster.cli:main"
