@@ -497,6 +497,9 @@ class NvmeTier:
         self.read_batch_into([slot], [out])
         return out
 
+    def read_into(self, slot: int, out: torch.Tensor) -> None:
+        self.read_batch_into([slot], [out])
+
     def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None:
         """Read and verify pages into ``out``. Pages that fail their checksum are counted and
         reported together as PagesCorrupt after the rest were read; their ``out`` entries then

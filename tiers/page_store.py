@@ -205,14 +205,16 @@ class SlotAllocator(Protocol):
 class PageReader(Protocol):
     """Reads of allocated slots. A read of a free slot raises NotFound.
 
-    ``read`` returns a new host tensor; ``read_batch_into`` copies page ``i`` into ``out[i]``
-    (1-D uint8 tensors of ``page_bytes``, on any device). Media with checksums raise
-    PageCorrupt (PagesCorrupt for a batch) for pages that fail it and never return them.
+    ``read`` returns a new host tensor; ``read_into`` copies one page into ``out`` and
+    ``read_batch_into`` page ``i`` into ``out[i]`` (1-D uint8 tensors of ``page_bytes``, on any
+    device). Media with checksums raise PageCorrupt (PagesCorrupt for a batch) for pages that
+    fail it and never return them.
     """
 
     page_bytes: int
 
     def read(self, slot: int) -> torch.Tensor: ...
+    def read_into(self, slot: int, out: torch.Tensor) -> None: ...
     def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None: ...
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from kvcluster.errors import NotFound
 from tiers.page_store import (
     NO_TAG,
     PageBatch,
@@ -57,6 +58,8 @@ class TensorPages:
         self._stand_in = stand_in
         self._clock = clock
         self._closed = False
+        # A flat byte view of host storage: single-page reads copy through it (see read_into).
+        self._flat = None if storage.is_cuda else storage.numpy().data.cast("B")
         self._stream: torch.cuda.Stream | None = None
         if torch.cuda.is_available():
             device = storage.device if storage.is_cuda else torch.device("cuda", torch.cuda.current_device())
@@ -99,13 +102,26 @@ class TensorPages:
 
     def read(self, slot: int) -> torch.Tensor:
         """A new host tensor holding the page."""
-        self._slots.check_allocated(as_slots([slot]))
-        if self._pages.is_cuda:
-            out = torch.empty(self.page_bytes, dtype=torch.uint8, pin_memory=True)
-            with self._copying(out):
-                out.copy_(self._pages[slot], non_blocking=True)
-            return out
-        return self._pages[slot].clone()
+        out = torch.empty(self.page_bytes, dtype=torch.uint8, pin_memory=self._pages.is_cuda)
+        self.read_into(slot, out)
+        return out
+
+    def read_into(self, slot: int, out: torch.Tensor) -> None:
+        """Copy one page into ``out`` (1-D uint8 of ``page_bytes``, any device).
+
+        Host to host this is one memcpy done *holding* the GIL: for a single page that is
+        shorter than the wait to take the GIL back from busy migration threads after
+        releasing it, so a reader is not delayed by a spill storm. Batch copies release it.
+        """
+        check_page(out, self.page_bytes, "out")
+        if not self._slots.is_allocated(slot):
+            raise NotFound(f"slot {slot} of {self.name} is not allocated")
+        if self._flat is not None and out.device.type == "cpu" and out.is_contiguous():
+            start = slot * self.page_bytes
+            out.numpy().data[:] = self._flat[start : start + self.page_bytes]
+            return
+        with self._copying(out):
+            out.copy_(self._pages[slot], non_blocking=True)
 
     # --- batches -----------------------------------------------------------------------------
 
@@ -173,6 +189,9 @@ class TensorPages:
         self._closed = True
         if self._stream is not None:
             self._stream.synchronize()
+        if self._flat is not None:
+            self._flat.release()
+            self._flat = None
         self._pages = self._pages[:0]
 
     @contextlib.contextmanager

@@ -351,7 +351,7 @@ class TieredStore:
             if out is None:
                 out = self._tiers[tier].read(slot)
             else:
-                self._tiers[tier].read_batch_into([slot], [out])
+                self._tiers[tier].read_into(slot, out)
         except PageCorrupt:
             self._drop_corrupt([entry])
             raise

@@ -122,6 +122,9 @@ class GatedTier:
     def read(self, slot: int) -> torch.Tensor:
         return self._inner.read(slot)
 
+    def read_into(self, slot: int, out: torch.Tensor) -> None:
+        self._inner.read_into(slot, out)
+
     def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None:
         self._inner.read_batch_into(slots, out)
 

@@ -1,0 +1,415 @@
+"""Benchmark of the tiers: NVMe spill/load, CPU page copies, lookup latency under a spill storm.
+
+    .venv/bin/python -m benchmarks.bench_tiers [--quick] [--dir DIR] [--mib N]
+
+Every figure stands beside a physical baseline measured in the same run:
+
+- CPU->NVMe spill and NVMe->CPU load: the NVMe tier's batch copies (``copy_pages`` between a
+  host tier and an NVMe tier: page checksums, slot headers, journal records and one fdatasync
+  per batch included) against the raw sequential ``O_DIRECT`` write and read bandwidth of the
+  same file system, 8 MiB blocks, best of one stream and of ``io_threads`` parallel streams.
+  ``O_DIRECT`` makes both reads cold. The end-to-end ``TieredStore.demote``/``prefetch`` of
+  the same pages is shown too.
+- CPU page copies: host tier <-> device tier (its CPU stand-in when there is no GPU), batches
+  of 2 MiB pages, against a plain numpy memcpy (``np.copyto``) of the same number of bytes.
+- Lookup latency: p99 of ``location()`` and of ``get()`` of a top-tier page while a spill storm
+  (a writer putting pages as fast as it can, so every tier demotes and the NVMe bottom
+  discards) runs, against the same p99 measured idle.
+- On a GPU only: pinned host <-> device page copies against one large pinned copy of the same
+  size (the measured PCIe bandwidth).
+
+Targets (issue 4): spill and load >= 80 % of raw; CPU copies >= 80 % of memcpy; p99 lookup
+during a spill storm <= 2x idle; host<->device >= 80 % of PCIe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tiers.device_tier import DeviceTier
+from tiers.host_tier import HostTier
+from tiers.nvme_tier import NvmeTier, probe_o_direct
+from tiers.page_store import PageStore, copy_pages
+from tiers.tiered_store import TieredStore
+
+Row = dict[str, Any]
+PAGE = 2 * 2**20  # one 16-token block of Llama-3-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 B x 16
+BLOCK = 8 * 2**20
+IO_THREADS = 4
+BATCH_PAGES = 32
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _best(fn: Callable[[], float], repeats: int) -> float:
+    """Smallest wall time of ``repeats`` runs of ``fn`` (which returns its own elapsed time)."""
+    return min(fn() for _ in range(repeats))
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def _row(name: str, value: float, unit: str, baseline: str, baseline_value: float, target: str, met: bool | None) -> Row:
+    return {
+        "name": name, "value": round(value, 3), "unit": unit, "baseline": baseline,
+        "baseline_value": round(baseline_value, 3), "target": target, "met": met,
+    }
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    array = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+    array[:] = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+    return array
+
+
+@contextlib.contextmanager
+def _scratch(parent: Path | None) -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="kvc-bench-tiers-", dir=parent))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _random_pages(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, PAGE), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# --- raw disk baseline -----------------------------------------------------------------------
+
+
+def raw_disk_bandwidth(directory: Path, nbytes: int, streams: int, direct: bool, repeats: int) -> tuple[float, float]:
+    """Best (write, read) GB/s of ``streams`` threads each doing sequential 8 MiB transfers."""
+    path = directory / "raw.bin"
+    flags = os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o600)
+    blocks = nbytes // BLOCK
+    buffers = [_aligned(BLOCK) for _ in range(streams)]
+    try:
+        os.posix_fallocate(fd, 0, blocks * BLOCK)
+
+        def run(op: Callable[[int, np.ndarray, int], int]) -> float:
+            def worker(t: int) -> None:
+                for b in range(t, blocks, streams):
+                    op(fd, buffers[t], b * BLOCK)
+
+            start = time.perf_counter()
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(streams)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if op is _pwrite:
+                os.fdatasync(fd)
+            return time.perf_counter() - start
+
+        write = _best(lambda: run(_pwrite), repeats)
+        read = _best(lambda: run(_pread), repeats)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return _gbps(blocks * BLOCK, write), _gbps(blocks * BLOCK, read)
+
+
+def _pwrite(fd: int, buffer: np.ndarray, offset: int) -> int:
+    return os.pwritev(fd, [buffer.data], offset)
+
+
+def _pread(fd: int, buffer: np.ndarray, offset: int) -> int:
+    return os.preadv(fd, [buffer.data], offset)
+
+
+# --- NVMe spill and load ---------------------------------------------------------------------
+
+
+def nvme_spill_and_load(directory: Path, pages: int, repeats: int) -> dict[str, float]:
+    host = HostTier(pages, PAGE)
+    nvme = NvmeTier([directory], pages, PAGE, o_direct="auto", io_threads=IO_THREADS, recover=False)
+    try:
+        host_slots = host.allocate(pages)
+        nvme_slots = nvme.allocate(pages)
+        assert host_slots is not None and nvme_slots is not None
+        host.write_batch(host_slots, _random_pages(pages))
+        tags = list(range(pages))
+
+        def spill() -> float:
+            start = time.perf_counter()
+            for i in range(0, pages, BATCH_PAGES):
+                part = slice(i, i + BATCH_PAGES)
+                copy_pages(host, host_slots[part], nvme, nvme_slots[part], tags[part])
+            return time.perf_counter() - start
+
+        def load() -> float:
+            start = time.perf_counter()
+            for i in range(0, pages, BATCH_PAGES):
+                part = slice(i, i + BATCH_PAGES)
+                copy_pages(nvme, nvme_slots[part], host, host_slots[part])
+            return time.perf_counter() - start
+
+        nbytes = pages * PAGE
+        result = {"spill": _gbps(nbytes, _best(spill, repeats)), "load": _gbps(nbytes, _best(load, repeats))}
+        result["o_direct"] = float(nvme.io_mode == "o_direct")
+    finally:
+        host.close()
+        nvme.close()
+    return result
+
+
+def store_demote_and_prefetch(directory: Path, pages: int) -> tuple[float, float]:
+    """GB/s of ``TieredStore.demote`` (host -> NVMe) and ``prefetch`` (NVMe -> host) of every page."""
+    host = HostTier(pages, PAGE)
+    nvme = NvmeTier([directory], pages, PAGE, o_direct="auto", io_threads=IO_THREADS, recover=False)
+    store = TieredStore([host, nvme], high_watermark=1.0, low_watermark=1.0, batch_pages=BATCH_PAGES, migration_threads=2)
+    try:
+        data = _random_pages(pages, seed=1)
+        for key in range(pages):
+            store.put(key, data[key])
+        keys = list(range(pages))
+        start = time.perf_counter()
+        # Two requests so both migration threads work, as the watermark passes do.
+        halves = [store.demote(keys[: pages // 2]), store.demote(keys[pages // 2 :])]
+        moved = sum(len(f.result().moved) for f in halves)
+        demote = time.perf_counter() - start
+        assert moved == pages, f"only {moved} of {pages} pages demoted"
+        start = time.perf_counter()
+        halves = [store.prefetch(keys[: pages // 2]), store.prefetch(keys[pages // 2 :])]
+        moved = sum(len(f.result().moved) for f in halves)
+        prefetch = time.perf_counter() - start
+        assert moved == pages, f"only {moved} of {pages} pages prefetched"
+    finally:
+        store.close()
+    return _gbps(pages * PAGE, demote), _gbps(pages * PAGE, prefetch)
+
+
+# --- CPU page copies -------------------------------------------------------------------------
+
+
+def cpu_page_copies(pages: int, repeats: int) -> dict[str, float]:
+    host = HostTier(pages, PAGE)
+    device = DeviceTier(pages, PAGE, device="cpu")
+    try:
+        host_slots = host.allocate(pages)
+        device_slots = device.allocate(pages)
+        assert host_slots is not None and device_slots is not None
+        host.write_batch(host_slots, _random_pages(pages, seed=2))
+        # A shuffled slot order: batches are not one contiguous run.
+        order = np.random.default_rng(1).permutation(pages)
+
+        def copy(src: PageStore, s: np.ndarray, dst: PageStore, d: np.ndarray) -> float:
+            start = time.perf_counter()
+            for i in range(0, pages, BATCH_PAGES):
+                copy_pages(src, s[order[i : i + BATCH_PAGES]], dst, d[order[i : i + BATCH_PAGES]])
+            return time.perf_counter() - start
+
+        up = _best(lambda: copy(host, host_slots, device, device_slots), repeats)
+        down = _best(lambda: copy(device, device_slots, host, host_slots), repeats)
+    finally:
+        host.close()
+        device.close()
+    nbytes = pages * PAGE
+    source = np.random.default_rng(2).integers(0, 256, nbytes, dtype=np.uint8)
+    target = np.empty_like(source)
+    np.copyto(target, source)  # touch both
+
+    def memcpy() -> float:
+        start = time.perf_counter()
+        np.copyto(target, source)
+        return time.perf_counter() - start
+
+    baseline = _best(memcpy, repeats)
+    return {"host_to_device": _gbps(nbytes, up), "device_to_host": _gbps(nbytes, down), "memcpy": _gbps(nbytes, baseline)}
+
+
+# --- lookups during a spill storm -----------------------------------------------------------
+
+
+def lookup_latency(directory: Path, samples: int, storm_pages: int) -> dict[str, float]:
+    """p99 (us) of ``location`` and ``get`` of top-tier pages, idle and during a spill storm."""
+    page = 256 * 1024
+    tiers: list[PageStore] = [
+        DeviceTier(64, page, device="cpu"),
+        HostTier(128, page),
+        NvmeTier([directory], 256, page, o_direct="auto", io_threads=IO_THREADS, recover=False, fsync=True),
+    ]
+    store = TieredStore(tiers, high_watermark=0.75, low_watermark=0.5, batch_pages=16)
+    hot = list(range(8))
+    data = torch.randint(0, 256, (64, page), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    for key in hot:
+        store.put(key, data[key])
+    store.pin(hot)
+    out = torch.empty(page, dtype=torch.uint8)
+
+    def measure() -> tuple[float, float]:
+        located = np.empty(samples, dtype=np.int64)
+        got = np.empty(samples // 10, dtype=np.int64)
+        clock = time.perf_counter_ns
+        for i in range(samples):
+            key = hot[i & 7]
+            start = clock()
+            store.location(key)
+            located[i] = clock() - start
+        for i in range(len(got)):
+            key = hot[i & 7]
+            start = clock()
+            store.get(key, out=out)
+            got[i] = clock() - start
+        return float(np.percentile(located, 99)) / 1e3, float(np.percentile(got, 99)) / 1e3
+
+    try:
+        measure()  # warm-up
+        idle_location, idle_get = measure()
+        stop = threading.Event()
+        written = [0]
+
+        def storm() -> None:
+            key = 1000
+            while not stop.is_set():
+                store.put(key, data[key % 64])
+                written[0] += 1
+                key += 1
+
+        writer = threading.Thread(target=storm)
+        before = store.stats()["nvme"].bytes_moved
+        writer.start()
+        while written[0] < storm_pages // 4:  # the storm is under way: every tier spills
+            time.sleep(0.01)
+        storm_location, storm_get = measure()
+        stop.set()
+        writer.join()
+        moved = store.stats()["nvme"].bytes_moved - before
+    finally:
+        store.close()
+    return {
+        "idle_location": idle_location, "idle_get": idle_get, "storm_location": storm_location,
+        "storm_get": storm_get, "storm_pages": float(written[0]), "storm_nvme_bytes": float(moved),
+    }
+
+
+# --- GPU -------------------------------------------------------------------------------------
+
+
+def gpu_copies(pages: int, repeats: int) -> dict[str, float]:
+    host = HostTier(pages, PAGE, pinned="always")
+    device = DeviceTier(pages, PAGE, device="cuda")
+    try:
+        hs, ds = host.allocate(pages), device.allocate(pages)
+        assert hs is not None and ds is not None
+        host.write_batch(hs, _random_pages(pages, seed=4))
+
+        def timed(fn: Callable[[], None]) -> float:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        up = _best(lambda: timed(lambda: copy_pages(host, hs, device, ds)), repeats)
+        down = _best(lambda: timed(lambda: copy_pages(device, ds, host, hs)), repeats)
+        big_host = torch.empty(pages * PAGE, dtype=torch.uint8, pin_memory=True)
+        big_device = torch.empty(pages * PAGE, dtype=torch.uint8, device="cuda")
+        pcie_up = _best(lambda: timed(lambda: big_device.copy_(big_host, non_blocking=True)), repeats)
+        pcie_down = _best(lambda: timed(lambda: big_host.copy_(big_device, non_blocking=True)), repeats)
+    finally:
+        host.close()
+        device.close()
+    nbytes = pages * PAGE
+    return {
+        "up": _gbps(nbytes, up), "down": _gbps(nbytes, down),
+        "pcie_up": _gbps(nbytes, pcie_up), "pcie_down": _gbps(nbytes, pcie_down),
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def run(quick: bool = False, directory: Path | None = None, mib: int | None = None) -> list[Row]:
+    """The rows of this benchmark (see the module docstring)."""
+    total = (mib or (64 if quick else 256)) * 2**20
+    pages = total // PAGE
+    repeats = 2 if quick else 3
+    rows: list[Row] = []
+    with _scratch(directory) as scratch:
+        direct = probe_o_direct(scratch) is None
+        mode = "O_DIRECT" if direct else "buffered (no O_DIRECT here)"
+        raw = [raw_disk_bandwidth(scratch, total, streams, direct, repeats) for streams in (1, IO_THREADS)]
+        raw_write, raw_read = max(r[0] for r in raw), max(r[1] for r in raw)
+        nvme = nvme_spill_and_load(scratch, pages, repeats)
+        demote, prefetch = store_demote_and_prefetch(scratch, pages)
+        raw_name = f"raw sequential {mode} {{}}, 8 MiB blocks, best of 1 and {IO_THREADS} streams"
+        for name, value, base, what in (
+            (f"CPU->NVMe spill, {PAGE >> 20} MiB pages (tier batch copy)", nvme["spill"], raw_write, "write"),
+            (f"NVMe->CPU load, {PAGE >> 20} MiB pages (tier batch copy)", nvme["load"], raw_read, "read"),
+        ):
+            rows.append(_row(name, value, "GB/s", raw_name.format(what), base, ">= 80% of raw", value >= 0.8 * base))
+        rows.append(_row("CPU->NVMe TieredStore.demote", demote, "GB/s", raw_name.format("write"), raw_write, "-", None))
+        rows.append(_row("NVMe->CPU TieredStore.prefetch", prefetch, "GB/s", raw_name.format("read"), raw_read, "-", None))
+
+        copies = cpu_page_copies(pages, repeats)
+        for name, key in (("host->device-standin", "host_to_device"), ("device-standin->host", "device_to_host")):
+            value = copies[key]
+            rows.append(_row(
+                f"CPU page copy {name}, {PAGE >> 20} MiB pages, shuffled batches of {BATCH_PAGES}",
+                value, "GB/s", f"numpy memcpy of {total >> 20} MiB", copies["memcpy"],
+                ">= 80% of memcpy", value >= 0.8 * copies["memcpy"],
+            ))
+
+        latency = lookup_latency(scratch, 20_000 if quick else 100_000, 256)
+        storm = (
+            f"idle p99 (storm: {int(latency['storm_pages'])} pages put, "
+            f"{latency['storm_nvme_bytes'] / 2**20:.0f} MiB moved to/from NVMe)"
+        )
+        for name, key in (("location()", "location"), ("get() of a top-tier 256 KiB page", "get")):
+            value, idle = latency[f"storm_{key}"], latency[f"idle_{key}"]
+            rows.append(_row(f"p99 {name} during a spill storm", value, "us", storm, idle, "<= 2x idle", value <= 2 * idle))
+
+    if torch.cuda.is_available():
+        gpu = gpu_copies(pages, repeats)
+        for name, key in (("host->device", "up"), ("device->host", "down")):
+            base = gpu[f"pcie_{key}"]
+            rows.append(_row(
+                f"pinned {name} page copy, {PAGE >> 20} MiB pages", gpu[key], "GB/s",
+                f"one {total >> 20} MiB pinned copy (PCIe)", base, ">= 80% of PCIe", gpu[key] >= 0.8 * base,
+            ))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("figure", "value", "baseline (same run)", "target", "met")
+    lines = [header]
+    for row in rows:
+        met = "-" if row["met"] is None else ("yes" if row["met"] else "NO")
+        lines.append((
+            row["name"], f"{row['value']:.3f} {row['unit']}",
+            f"{row['baseline_value']:.3f} {row['unit']} ({row['baseline']})", row["target"], met,
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 MiB instead of 256 MiB, fewer repeats")
+    parser.add_argument("--dir", type=Path, default=None, help="where the scratch files go (default: the temp dir)")
+    parser.add_argument("--mib", type=int, default=None, help="MiB moved per measurement")
+    args = parser.parse_args()
+    print_table(run(quick=args.quick, directory=args.dir, mib=args.mib))
+
+
+if __name__ == "__main__":
+    main()
