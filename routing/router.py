@@ -54,8 +54,9 @@ class RouteDecision:
 
     ``matched_blocks``/``blocks_per_tier``: the leading blocks the chosen node holds (by the
     registry; the node verifies tokens). ``scores``: every considered node's score (empty in
-    a fallback without registry data). ``fallback``: ``None``, ``"no_match"`` or
-    ``"registry_unavailable"``. ``best_holder``: the node holding the most weighted prefix
+    a fallback without registry data). ``fallback``: ``None``, ``"no_match"``,
+    ``"registry_unavailable"`` or ``"no_live_nodes"`` (the registry knows no live node, e.g.
+    just after it restarted empty: ring affinity over the nodes known before). ``best_holder``: the node holding the most weighted prefix
     (``None`` when nobody holds any), with its blocks and in-flight count, so a caller can
     decide to pull the prefix to the chosen node when load overrode affinity.
     """
@@ -80,6 +81,7 @@ class RouterStats:
     no_match_fallbacks: int
     unavailable_fallbacks: int
     registry_failures: int
+    no_live_fallbacks: int
 
 
 class HashRing:
@@ -150,7 +152,7 @@ class Router:
         self._backoff = config.registry_retry_s
         self._down = False
         self._routed = self._by_prefix = self._overrides = 0
-        self._no_match = self._unavailable = self._failures = 0
+        self._no_match = self._unavailable = self._failures = self._no_live = 0
 
     # --- public ------------------------------------------------------------------------------
 
@@ -181,7 +183,7 @@ class Router:
 
     def stats(self) -> RouterStats:
         return RouterStats(self._routed, self._by_prefix, self._overrides, self._no_match,
-                           self._unavailable, self._failures)
+                           self._unavailable, self._failures, self._no_live)
 
     @property
     def registry_down(self) -> bool:
@@ -217,16 +219,16 @@ class Router:
                 self._registry_failed(exc, now)
                 live = None
         if live is None:
-            return self._unavailable_route(hashes, fallback_key, candidates, error)
+            return self._ring_route(hashes, fallback_key, candidates, error)
+        if live:
+            self._known_nodes = sorted(live)
         if candidates is not None:
             allowed = set(candidates)
             live = {n: info for n, info in live.items() if n in allowed}
         if not live:
-            raise NoLiveNodes(
-                "no live node to route to"
-                + (f" among candidates {sorted(candidates)}" if candidates is not None else "")
-            )
-        self._known_nodes = sorted(live)
+            # A registry that restarted empty knows no node until they re-register (within a
+            # heartbeat); keep routing over the nodes known before (or the caller's).
+            return self._ring_route(hashes, fallback_key, candidates, None)
         return self._score(hashes, live, holdings, fallback_key)
 
     def _effective_inflight(self, live: dict[str, NodeInfo]) -> dict[str, int]:
@@ -350,30 +352,45 @@ class Router:
             self._ring = HashRing(sorted(key), self._config.virtual_nodes)
         return self._ring
 
-    def _unavailable_route(
+    def _ring_route(
         self,
         hashes: BlockHashArray,
         fallback_key: int,
         candidates: Sequence[str] | None,
         error: RegistryUnavailable | None,
     ) -> RouteDecision:
+        """Ring affinity over the caller's candidates or the last known live nodes, when the
+        registry is unreachable (``error`` set, or still backing off) or knows no live node."""
+        unavailable = error is not None or self._down
         nodes = list(candidates) if candidates is not None else self._known_nodes
         if not nodes:
-            raise RegistryUnavailable(
-                "the registry is unreachable and no node is known yet to route to"
-                + (f": {error}" if error else "")
-            )
+            if unavailable:
+                raise RegistryUnavailable(
+                    "the registry is unreachable and no node is known yet to route to"
+                    + (f": {error}" if error else "")
+                )
+            raise NoLiveNodes("the registry knows no live node and none was known before")
         chosen = self._ring_for(nodes).pick(fallback_key, set(nodes))
         assert chosen is not None
         self._routed += 1
-        self._unavailable += 1
+        if unavailable:
+            self._unavailable += 1
+            fallback = "registry_unavailable"
+            reason = f"registry unavailable; ring affinity on the first block -> {chosen}"
+        else:
+            self._no_live += 1
+            fallback = "no_live_nodes"
+            reason = (
+                f"the registry reports no live node{' among the candidates' if candidates else ''}"
+                f"; ring affinity over {len(nodes)} known nodes -> {chosen}"
+            )
         return RouteDecision(
             node_id=chosen,
             matched_blocks=0,
             blocks_per_tier={"gpu": 0, "cpu": 0, "nvme": 0},
             scores={},
-            reason=f"registry unavailable; ring affinity on the first block -> {chosen}",
-            fallback="registry_unavailable",
+            reason=reason,
+            fallback=fallback,
             prompt_blocks=int(hashes.size),
         )
 

@@ -19,6 +19,8 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from routing.config import RegistryConfig
 from routing.memory_registry import InMemoryRegistry
@@ -69,7 +71,7 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis(port=self.port, socket_timeout=0.2).ping()
+                self._probe().ping()
                 return
             except redis.exceptions.ConnectionError:
                 if time.monotonic() > deadline:
@@ -83,13 +85,17 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                redis.Redis(port=self.port, socket_timeout=0.2).ping()
+                self._probe().ping()
             except redis.exceptions.ConnectionError:
                 return
             time.sleep(0.02)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+        return redis.Redis(port=self.port, retry=Retry(NoBackoff(), 1))
+
+    def _probe(self) -> redis.Redis:
+        # No retries: redis-py's default backoff would turn each refused probe into seconds.
+        return redis.Redis(port=self.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
 
 
 def _start_server() -> Iterator[RedisServer]:

@@ -264,8 +264,9 @@ def test_candidates_restrict_the_choice() -> None:
     cluster.hold("b", chain[:2])
     decision = cluster.router.route_hashes(chain, candidates=["b", "c"])
     assert decision.node_id == "b" and set(decision.scores) == {"b", "c"}
-    with pytest.raises(NoLiveNodes):
-        cluster.router.route_hashes(chain, candidates=["zz"])
+    # candidates the registry does not know: ring affinity among them
+    unknown = cluster.router.route_hashes(chain, candidates=["zz"])
+    assert (unknown.node_id, unknown.fallback) == ("zz", "no_live_nodes")
     with pytest.raises(InvalidArgument):
         cluster.router.route_hashes(chain, candidates=[])
 
@@ -275,6 +276,18 @@ def test_no_live_nodes() -> None:
     cluster.clock.advance(60)
     with pytest.raises(NoLiveNodes):
         cluster.router.route(tokens(1))
+
+
+def test_registry_without_live_nodes_keeps_the_known_ones() -> None:
+    cluster = Cluster(["a", "b", "c"])
+    chain = HASHER.hash_chain(tokens(14))
+    assert cluster.router.route_hashes(chain).fallback == "no_match"
+    cluster.clock.advance(60)  # every node silent (e.g. the registry restarted empty)
+    decision = cluster.router.route_hashes(chain)
+    assert decision.fallback == "no_live_nodes"
+    assert decision.node_id == HashRing(["a", "b", "c"], 64).pick(ring_key(chain[0].tobytes()), {"a", "b", "c"})
+    assert decision.reason == f"the registry reports no live node; ring affinity over 3 known nodes -> {decision.node_id}"
+    assert cluster.router.stats().no_live_fallbacks == 1
 
 
 def test_short_prompts_stick_together() -> None:
