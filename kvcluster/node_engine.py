@@ -401,7 +401,9 @@ class NodeEngine:
         with self._lock:
             engine = self._engine.stats()
             cache = self._index.stats()
-            tiers = {"gpu": {"pages_used": engine.blocks_used, "pages_total": engine.blocks_total}}
+            tiers: dict[str, dict[str, float]] = {
+                "gpu": {"pages_used": engine.blocks_used, "pages_total": engine.blocks_total}
+            }
             if self._spill is not None:
                 tiers.update(self._spill.stats())
             return NodeStats(
