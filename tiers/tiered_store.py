@@ -40,9 +40,7 @@ Locking contract
 
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections import Counter
@@ -55,13 +53,13 @@ import torch
 from kvcluster.errors import (
     CapacityError,
     InvalidArgument,
-    KVClusterError,
     NotFound,
     PageCorrupt,
     PagesCorrupt,
     TierIOError,
 )
 from tiers.eviction_order import EvictionOrder, make_order
+from tiers.migration_workers import MigrationWorkers
 from tiers.page_store import PageStore, Recoverable, TierStats, check_page, copy_pages
 
 logger = logging.getLogger(__name__)
@@ -194,22 +192,12 @@ class TieredStore:
         self._hit_promotions: dict[int, None] = {}
         self._hit_task_queued = False
         self._rebalance_queued = False
-        self._outstanding = 0
-        self._idle = threading.Condition(self._lock)
-        self._worker_error: BaseException | None = None
         self._move_listeners: list[MoveListener] = [on_move] if on_move else []
         self._discard_listeners: list[DiscardListener] = [on_discard] if on_discard else []
         self._closed = False
 
         self._adopt_recovered()
-        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]] = queue.PriorityQueue()
-        self._sequence = itertools.count()
-        self._workers = [
-            threading.Thread(target=self._work, name=f"tier-migrate-{i}", daemon=True)
-            for i in range(migration_threads)
-        ]
-        for worker in self._workers:
-            worker.start()
+        self._workers = MigrationWorkers(migration_threads)
         if any(self._over_high(i) for i in range(len(self._tiers) - 1)):
             self.rebalance()
 
@@ -441,12 +429,14 @@ class TieredStore:
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._orders[entry.tier].touch(key)
-        return self._submit(_PRIORITY_PREFETCH, lambda: self._promote(wanted, explicit=True))
+        self._check_open()
+        return self._workers.submit(_PRIORITY_PREFETCH, lambda: self._promote(wanted, explicit=True))
 
     def demote(self, keys: Iterable[int]) -> Future[MoveResult]:
         """Move unpinned ``keys`` one tier down (discarding at the bottom if it is full)."""
         wanted = list(dict.fromkeys(keys))
-        return self._submit(_PRIORITY_DEMOTE, lambda: self._demote_keys(wanted))
+        self._check_open()
+        return self._workers.submit(_PRIORITY_DEMOTE, lambda: self._demote_keys(wanted))
 
     def rebalance(self) -> None:
         """Ask the workers for a watermark pass (idempotent while one is queued)."""
@@ -454,59 +444,12 @@ class TieredStore:
             if self._rebalance_queued or self._closed:
                 return
             self._rebalance_queued = True
-            self._enqueue_locked(_PRIORITY_DEMOTE, self._rebalance_step)
+            self._workers.enqueue(_PRIORITY_DEMOTE, self._rebalance_step)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no move is queued or running; False on timeout. Re-raises a worker's
         unexpected error (a bug), so tests cannot miss it."""
-        with self._idle:
-            done = self._idle.wait_for(lambda: self._outstanding == 0, timeout)
-            error = self._worker_error
-        if error is not None:
-            raise RuntimeError("a tier migration worker failed") from error
-        return done
-
-    # --- work queue --------------------------------------------------------------------------
-
-    def _submit(self, priority: int, job: Callable[[], MoveResult]) -> Future[MoveResult]:
-        future: Future[MoveResult] = Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(job())
-            except BaseException as exc:
-                future.set_exception(exc)
-                if not isinstance(exc, KVClusterError):
-                    raise
-
-        with self._lock:
-            self._check_open()
-            self._enqueue_locked(priority, run)
-        return future
-
-    def _enqueue_locked(self, priority: int, job: Callable[[], None]) -> None:
-        self._outstanding += 1
-        self._queue.put((priority, next(self._sequence), job))
-
-    def _work(self) -> None:
-        while True:
-            _, _, job = self._queue.get()
-            if job is None:
-                return
-            try:
-                job()
-            except KVClusterError as exc:
-                logger.warning("tier migration failed: %s", exc)
-            except BaseException as exc:  # a bug: remember it for wait_idle/close, keep serving
-                logger.exception("tier migration worker hit an unexpected error")
-                with self._lock:
-                    self._worker_error = self._worker_error or exc
-            finally:
-                with self._idle:
-                    self._outstanding -= 1
-                    self._idle.notify_all()
+        return self._workers.wait_idle(timeout)
 
     def _queue_hit_promotion(self, key: int) -> None:
         with self._lock:
@@ -515,7 +458,7 @@ class TieredStore:
             self._hit_promotions[key] = None
             if not self._hit_task_queued:
                 self._hit_task_queued = True
-                self._enqueue_locked(_PRIORITY_HIT, self._promote_hits)
+                self._workers.enqueue(_PRIORITY_HIT, self._promote_hits)
 
     def _promote_hits(self) -> None:
         with self._lock:
@@ -783,7 +726,7 @@ class TieredStore:
             more = plan is not None and any(self._draining)
             if more and not self._rebalance_queued and not self._closed:
                 self._rebalance_queued = True
-                self._enqueue_locked(_PRIORITY_DEMOTE, self._rebalance_step)
+                self._workers.enqueue(_PRIORITY_DEMOTE, self._rebalance_step)
         self._notify((), discarded)
         if plan is not None:
             self._execute(plan)
@@ -830,17 +773,9 @@ class TieredStore:
             if self._closed:
                 return
             self._closed = True
-        self._wait_idle_quietly()
-        for _ in self._workers:
-            self._queue.put((99, next(self._sequence), None))
-        for worker in self._workers:
-            worker.join()
+        self._workers.close()
         for tier in self._tiers:
             tier.close()
-
-    def _wait_idle_quietly(self) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._outstanding == 0)
 
     def __enter__(self) -> TieredStore:
         return self

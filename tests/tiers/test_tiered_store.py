@@ -377,7 +377,7 @@ def test_a_worker_bug_is_not_swallowed(stores: list[TieredStore], recorder: Reco
         store.wait_idle(10)
     assert all(store.location(k) == "gpu" for k in range(9))  # nothing moved, nothing lost
     gated.explode = False
-    store._worker_error = None  # acknowledged; close() must still work
+    assert isinstance(store._workers.forget_error(), RuntimeError)  # acknowledged; close() works
 
 
 def test_a_failing_listener_does_not_stop_the_store(
@@ -541,7 +541,7 @@ def test_bad_construction_is_rejected(kwargs: dict[str, object]) -> None:
 def test_close_joins_the_workers_and_is_idempotent(recorder: Recorder) -> None:
     store = TieredStore([DeviceTier(4, P, device="cpu"), HostTier(4, P)])
     _fill(store, range(6))
-    workers = list(store._workers)
+    workers = store._workers.threads
     store.close()
     store.close()
     assert not any(w.is_alive() for w in workers)
