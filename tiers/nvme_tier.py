@@ -86,6 +86,7 @@ from tiers.page_store import (
     TierStats,
     as_slots,
     check_batch,
+    copy_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -466,7 +467,7 @@ class NvmeTier:
                 else:
                     slot_buf = arena[used : used + self.slot_bytes]
                     used += self.slot_bytes
-                    torch.from_numpy(slot_buf[: self.page_bytes]).copy_(page)
+                    copy_bytes(torch.from_numpy(slot_buf[: self.page_bytes]), page)
                     slot_buf[self.page_bytes :] = 0
                     sums[pos] = page_checksum(slot_buf[: self.page_bytes])
                     tail = slot_buf[self.page_bytes :]
@@ -500,7 +501,7 @@ class NvmeTier:
     def read_into(self, slot: int, out: torch.Tensor) -> None:
         self.read_batch_into([slot], [out])
 
-    def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None:
+    def read_batch_into(self, slots: Sequence[int] | Slots, out: PageBatch) -> None:
         """Read and verify pages into ``out``. Pages that fail their checksum are counted and
         reported together as PagesCorrupt after the rest were read; their ``out`` entries then
         hold unspecified bytes that must not be used."""
@@ -516,7 +517,10 @@ class NvmeTier:
             ]
         already = [int(s) for s in ids[states == _CORRUPT]]
         readable = np.nonzero(states == _WRITTEN)[0]
-        bad = self._transfer_read(ids[readable], [out[int(i)] for i in readable], [expected[int(i)] for i in readable])
+        targets = [out[int(i)] for i in readable]
+        bad = self._transfer_read(ids[readable], targets, [expected[int(i)] for i in readable])
+        for device in {t.device for t in targets if t.is_cuda}:
+            torch.cuda.synchronize(device)  # staged host-to-device copies have landed
         if bad:
             self._mark_corrupt(as_slots(bad))
         if bad or already:
@@ -571,7 +575,7 @@ class NvmeTier:
                     continue
                 target = outs[pos]
                 if staged and target is not None:
-                    target.copy_(torch.frombuffer(data, dtype=torch.uint8))
+                    copy_bytes(target, torch.frombuffer(data, dtype=torch.uint8))
             if failed:
                 with bad_lock:
                     bad.extend(failed)

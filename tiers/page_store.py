@@ -72,6 +72,19 @@ def check_batch(slots: Slots, pages: PageBatch, page_bytes: int) -> Sequence[tor
     return pages
 
 
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[:] = src`` for same-sized uint8 tensors on any devices.
+
+    Host to host it goes through numpy: one single-threaded memcpy that releases the GIL,
+    where torch's ``copy_`` fans out to its intra-op thread pool, which stalls badly when the
+    cores are busy (measured on a loaded 2-core host: 0.5 GB/s against numpy's 12 GB/s).
+    """
+    if dst.device.type == "cpu" and src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous():
+        np.copyto(dst.numpy(), src.numpy())
+    else:
+        dst.copy_(src, non_blocking=True)
+
+
 @dataclass(slots=True)
 class TierStats:
     """A snapshot of one tier. Counters are cumulative since the tier was opened.
@@ -215,7 +228,7 @@ class PageReader(Protocol):
 
     def read(self, slot: int) -> torch.Tensor: ...
     def read_into(self, slot: int, out: torch.Tensor) -> None: ...
-    def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None: ...
+    def read_batch_into(self, slots: Sequence[int] | Slots, out: PageBatch) -> None: ...
 
 
 @runtime_checkable

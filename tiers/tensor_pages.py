@@ -1,10 +1,11 @@
 """Pages held in one preallocated ``[num_slots, page_bytes]`` uint8 tensor (device or host).
 
 The shared body of :class:`~tiers.device_tier.DeviceTier` and :class:`~tiers.host_tier.HostTier`.
-Batch copies take the path with one copy per page: ``index_select`` / ``index_copy_`` when the
-batch is a 2-D tensor, and per-run ``copy_`` when it is a list of page views (runs of consecutive
-slots whose destinations are adjacent in memory are merged into one copy, which matters for
-small pages). Copies that touch a CUDA device run on the tier's own stream and are waited for
+Batch copies take the path with one copy per page. On a GPU a 2-D batch is one
+``index_select`` / ``index_copy_`` kernel; on the host, copies go through numpy (one
+single-threaded memcpy per run, GIL released: torch's intra-op thread pool stalls on busy
+cores). A list of page views is copied run by run (runs of consecutive slots whose
+destinations are adjacent in memory are merged into one copy, which matters for small pages). Copies that touch a CUDA device run on the tier's own stream and are waited for
 (an event) before the call returns, so a caller never observes a half-done copy and the
 default stream of the model is never blocked.
 
@@ -32,6 +33,7 @@ from tiers.page_store import (
     as_slots,
     check_batch,
     check_page,
+    copy_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class TensorPages:
         check_page(page, self.page_bytes)
         self._slots.check_allocated(as_slots([slot]))
         with self._copying(page):
-            self._pages[slot].copy_(page, non_blocking=True)
+            copy_bytes(self._pages[slot], page)
 
     def read(self, slot: int) -> torch.Tensor:
         """A new host tensor holding the page."""
@@ -133,22 +135,21 @@ class TensorPages:
     def read_batch(self, slots: Sequence[int] | Slots) -> torch.Tensor:
         """The pages as a new ``[n, page_bytes]`` tensor on this tier's device (one gather)."""
         ids = as_slots(slots)
-        self._slots.check_allocated(ids)
-        index = torch.from_numpy(ids).to(self._pages.device)
-        with self._copying(self._pages):
-            return self._pages.index_select(0, index)
+        out = torch.empty((len(ids), self.page_bytes), dtype=torch.uint8, device=self._pages.device)
+        self.read_batch_into(ids, out)
+        return out
 
-    def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None:
+    def read_batch_into(self, slots: Sequence[int] | Slots, out: PageBatch) -> None:
         ids = as_slots(slots)
-        check_batch(ids, out, self.page_bytes)
+        targets = check_batch(ids, out, self.page_bytes)
         self._slots.check_allocated(ids)
-        if isinstance(out, torch.Tensor) and out.device == self._pages.device and out.is_contiguous():
-            with self._copying(out):
+        if isinstance(out, torch.Tensor) and out.is_cuda and out.device == self._pages.device:
+            with self._copying(out):  # one gather kernel on the device
                 torch.index_select(self._pages, 0, torch.from_numpy(ids).to(out.device), out=out)
             return
-        with self._copying(*out[:1]):
-            for first, count, target in _runs(ids, out, self.page_bytes):
-                target.copy_(self._pages[first : first + count].reshape(-1), non_blocking=True)
+        with self._copying(*targets[:1]):
+            for first, count, target in _runs(ids, targets, self.page_bytes):
+                copy_bytes(target, self._pages[first : first + count].reshape(-1))
 
     def write_batch(
         self, slots: Sequence[int] | Slots, pages: PageBatch, tags: Sequence[int] | None = None
@@ -156,14 +157,18 @@ class TensorPages:
         ids = as_slots(slots)
         batch = check_batch(ids, pages, self.page_bytes)
         self._slots.check_allocated(ids)
-        if isinstance(batch, torch.Tensor):
-            with self._copying(batch):
+        if isinstance(batch, torch.Tensor) and self._pages.is_cuda:
+            with self._copying(batch):  # one transfer, then one scatter kernel on the device
                 source = batch.to(self._pages.device, non_blocking=True)
                 self._pages.index_copy_(0, torch.from_numpy(ids).to(self._pages.device), source)
             return
+        if isinstance(batch, torch.Tensor) and batch.device.type == "cpu" and batch.is_contiguous():
+            # Host scatter through numpy (single-threaded, GIL released; see _copy).
+            self._pages.numpy()[ids] = batch.numpy()
+            return
         with self._copying(*batch[:1]):
             for first, count, source in _runs(ids, batch, self.page_bytes):
-                self._pages[first : first + count].reshape(-1).copy_(source, non_blocking=True)
+                copy_bytes(self._pages[first : first + count].reshape(-1), source)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

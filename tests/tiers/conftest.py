@@ -125,7 +125,7 @@ class GatedTier:
     def read_into(self, slot: int, out: torch.Tensor) -> None:
         self._inner.read_into(slot, out)
 
-    def read_batch_into(self, slots: Sequence[int] | Slots, out: Sequence[torch.Tensor]) -> None:
+    def read_batch_into(self, slots: Sequence[int] | Slots, out: PageBatch) -> None:
         self._inner.read_batch_into(slots, out)
 
     def write(self, slot: int, page: torch.Tensor, tag: int = NO_TAG) -> None:
