@@ -375,9 +375,9 @@ class RedisPrefixRegistry:
             replies = pipe.execute()
         return [self._publish_result(b, r) for b, r in zip(batches, replies)]
 
-    @staticmethod
-    def _publish_result(batch: EventBatch, reply: Any) -> PublishResult:
-        status, through, applied, current = _int_list(reply, 4, "publish")
+    def _publish_result(self, batch: EventBatch, reply: Any) -> PublishResult:
+        status, through, applied, current, garbage = _int_list(reply, 5, "publish")
+        self._count_malformed(garbage)
         if status == _FENCED:
             raise FencedEpoch(
                 f"node {batch.node_id!r} published with epoch {batch.epoch}; current is {current}"

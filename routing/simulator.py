@@ -161,7 +161,7 @@ def _runs(depths: Iterable[int]) -> Iterator[tuple[int, int]]:
         yield start, prev + 1  # type: ignore[operator]
 
 
-class _TimedRegistry:
+class TimedRegistry:
     """Wraps a registry and accumulates the seconds spent inside it (to separate router
     overhead from registry time)."""
 
@@ -370,7 +370,7 @@ def _run_policy(policy: str, requests: Sequence[TraceRequest], config: Simulatio
                            node_ttl_s=1e9, max_buffered_batches=1),
             clock=clock,
         )
-        timed = _TimedRegistry(registry)
+        timed = TimedRegistry(registry)
         # The hasher only keys prompts shorter than one block; trace prompts are routed by ids.
         router = Router(timed, config.router, BlockHasher("xxh3_128", config.block_tokens), clock=clock)  # type: ignore[arg-type]
     cluster = SimulatedCluster(config, capacity, registry)

@@ -5,7 +5,13 @@
 --   "1 <epoch> <incarnation> <last_beat_ms> <applied_through> <inflight> <free_blocks> <total_blocks>"
 -- Block entry (a field of a family hash, key = 16-byte block key): 3 bytes per holder,
 --   u16 incarnation (big-endian) | u8 tier (0 gpu, 1 cpu, 2 nvme)
+-- Marker field (MARKER_FIELD -> MARKER_VALUE, 65 bytes): written into every family hash.
+--   A value over 64 bytes (hash-max-listpack-value) keeps the hash in hashtable encoding,
+--   so each lookup probe is O(1) instead of a scan of a listpack of up to 128 fields.
 local byte, char, sub, floor = string.byte, string.char, string.sub, math.floor
+
+local MARKER_FIELD = 'kvc:family'
+local MARKER_VALUE = 'kvcluster prefix family v1; fields: 16-byte block key -> 3-byte holder records'
 
 local function now_ms()
   local t = redis.call('TIME')

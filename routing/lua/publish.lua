@@ -11,7 +11,7 @@
 --             u8 version=1 | u16 F | F x (u16 length | family key name)
 --             | u32 N | N x (u8 kind 1 stored/2 removed/3 moved | u8 tier | u16 family index
 --                            | 16-byte block key)
--- Returns   {status, applied_through, batches_applied, current_epoch}
+-- Returns   {status, applied_through, batches_applied, current_epoch, garbage keys replaced}
 --             status 1 applied, 2 duplicate, 3 buffered, 4 out of window,
 --                    5 unknown node (register again), 6 fenced (epoch is not current)
 -- A buffered blob is applied by the later call that fills the gap before it; the family keys
@@ -53,9 +53,18 @@ local function strip(v, hi, lo)
   return v
 end
 
+-- Apply parsed ops; returns how many garbage keys (not hashes) it had to replace.
 local function apply(ops, blob, incarnation, ttl)
   local hi, lo = floor(incarnation / 256), incarnation % 256
   local touched = {}
+  local garbage = 0
+  for _, key in ipairs(ops.keys) do
+    local t = key_type(key)
+    if t ~= 'hash' and t ~= 'none' then
+      redis.call('DEL', key)
+      garbage = garbage + 1
+    end
+  end
   for i = 0, ops.n - 1 do
     local o = ops.base + i * 20
     local kind, tier = byte(blob, o), byte(blob, o + 1)
@@ -79,27 +88,36 @@ local function apply(ops, blob, incarnation, ttl)
     end
     touched[key] = true
   end
-  for key in pairs(touched) do redis.call('PEXPIRE', key, ttl) end
+  for key in pairs(touched) do
+    -- a family with no block left is deleted; otherwise it carries the marker and a TTL
+    if redis.call('HLEN', key) <= 1 and redis.call('HEXISTS', key, MARKER_FIELD) == 1 then
+      redis.call('DEL', key)
+    elseif redis.call('EXISTS', key) == 1 then
+      redis.call('HSETNX', key, MARKER_FIELD, MARKER_VALUE)
+      redis.call('PEXPIRE', key, ttl)
+    end
+  end
+  return garbage
 end
 
 local f = parse_node(redis.call('HGET', KEYS[1], ARGV[1]))
-if not f then return {5, 0, 0, 0} end
+if not f then return {5, 0, 0, 0, 0} end
 local epoch, seq = tonumber(ARGV[2]), tonumber(ARGV[3])
-if f[2] ~= epoch then return {6, f[5], 0, f[2]} end
+if f[2] ~= epoch then return {6, f[5], 0, f[2], 0} end
 local ttl, window, blob = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local through = f[5]
 if seq <= through or redis.call('HEXISTS', KEYS[2], seq) == 1 then
-  return {2, through, 0, epoch}
+  return {2, through, 0, epoch, 0}
 end
 local ops = parse_ops(blob)
 if not ops then return redis.error_reply('ERR malformed ops blob') end
 if seq > through + 1 then
-  if seq > through + 1 + window then return {4, through, 0, epoch} end
+  if seq > through + 1 + window then return {4, through, 0, epoch, 0} end
   redis.call('HSET', KEYS[2], seq, blob)
   redis.call('PEXPIRE', KEYS[2], ttl)
-  return {3, through, 0, epoch}
+  return {3, through, 0, epoch, 0}
 end
-apply(ops, blob, f[3], ttl)
+local garbage = apply(ops, blob, f[3], ttl)
 through = seq
 local applied = 1
 while true do
@@ -107,10 +125,10 @@ while true do
   if not nxt then break end
   redis.call('HDEL', KEYS[2], through + 1)
   local buffered = parse_ops(nxt)
-  if buffered then apply(buffered, nxt, f[3], ttl) end
+  if buffered then garbage = garbage + apply(buffered, nxt, f[3], ttl) end
   through = through + 1
   applied = applied + 1
 end
 f[5] = through
 redis.call('HSET', KEYS[1], ARGV[1], format_node(f))
-return {1, through, applied, epoch}
+return {1, through, applied, epoch, garbage}

@@ -9,10 +9,12 @@ for _, key in ipairs(scan[2]) do
     malformed = malformed + 1
   else
     families = families + 1
-    local vals = redis.call('HVALS', key)
-    for i = 1, #vals do
-      local v = vals[i]
-      if #v % 3 ~= 0 then malformed = malformed + 1 else
+    local all = redis.call('HGETALL', key)
+    for i = 2, #all, 2 do
+      local v = all[i]
+      if all[i - 1] == MARKER_FIELD then
+        -- the encoding marker, not an entry
+      elseif #v % 3 ~= 0 or #all[i - 1] ~= 16 then malformed = malformed + 1 else
         blocks = blocks + 1
         records = records + #v / 3
       end

@@ -16,7 +16,9 @@ for _, key in ipairs(scan[2]) do
     local all = redis.call('HGETALL', key)
     for i = 1, #all, 2 do
       local field, v = all[i], all[i + 1]
-      if #v % 3 ~= 0 or #field ~= 16 then
+      if field == MARKER_FIELD then
+        -- the encoding marker, not an entry
+      elseif #v % 3 ~= 0 or #field ~= 16 then
         redis.call('HDEL', key, field)
         malformed = malformed + 1
       else
@@ -30,6 +32,9 @@ for _, key in ipairs(scan[2]) do
           redis.call('HSET', key, field, table.concat(keep))
         end
       end
+    end
+    if redis.call('HLEN', key) <= 1 and redis.call('HEXISTS', key, MARKER_FIELD) == 1 then
+      redis.call('DEL', key)
     end
   end
 end

@@ -90,6 +90,11 @@ def test_garbage_entries_are_skipped_and_counted(raw: redis.Redis) -> None:
     assert registry.malformed_skipped == before + 1
     stats = registry.stats()
     assert stats.families == 1 and stats.malformed_skipped >= before + 2
+    # publishing into that family replaces the garbage (counted) instead of failing
+    counted = registry.malformed_skipped
+    registry.publish(EventBatch("a", epoch, 2, (BlockEvent.stored(other[:3], Tier.CPU),)))
+    assert registry.malformed_skipped == counted + 1
+    assert registry.longest_prefix(other) == {"a": PrefixHolding(3, 0, 3, 0)}
     # the sweep deletes malformed fields and records of forgotten incarnations
     registry.sweep()
     assert raw.hget(key, full[4].tobytes()) is None

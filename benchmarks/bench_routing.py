@@ -1,0 +1,313 @@
+"""Benchmark of routing: block hashing, the Redis registry's lookups and memory, the simulator.
+
+    .venv/bin/python -m benchmarks.bench_routing [--quick] [--trace FILE]
+
+Every figure has a same-run baseline beside it:
+
+- hashing a 32,768-token prompt at block size 16 (2,048 blocks), xxh3_128 and sha256: the
+  production path (one vectorised split of all blocks, then one C call per block) against the
+  plain per-block loop (slice, convert, hash per block) computing the same keys;
+- ``longest_prefix`` of a 32K-token prompt on a real redis-server on loopback (started here on
+  a free port), p50 over interleaved calls, against a PING round trip measured interleaved in
+  the same loop (same conditions); with the default index stride (16 blocks: 128 probes; the
+  target applies) and with stride 1 (every block: 2,048 probes; shown for scale). Eight nodes
+  are registered; one holds the whole prompt, or eight hold overlapping prefixes of it;
+- registry memory per (block, node) entry with 1M blocks over 8 nodes (pipelined publish,
+  one holder per block, and 500K blocks with two holders each): the growth of ``used_memory``
+  and the sum of ``MEMORY USAGE`` of the family hashes, per entry, against one plain Redis
+  string key per (block, node) entry (the naive layout) measured on 100K entries;
+- the simulator on the shared trace (``../shared/traces/synthetic_trace.jsonl``, if present)
+  with 8 nodes each caching 5% of the unique blocks: the router's hit rate against
+  round-robin's and an infinite single cache's, its load imbalance against consistent
+  hashing's, and its routing overhead per request against consistent hashing's.
+
+Targets (issue 5): hashing <= 200 us; lookup p50 <= 3x PING; <= 100 bytes per entry;
+simulator hit rate >= 95% of infinite and >= 3x round-robin, imbalance <= 1.10, overhead
+<= 50 us per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from routing.block_hashing import BlockHashArray, BlockHasher
+from routing.config import RegistryConfig
+from routing.redis_registry import RedisPrefixRegistry
+from routing.registry import BlockEvent, EventBatch, Tier
+from routing.simulator import SimulationConfig, load_mooncake_trace, simulate
+
+Row = dict[str, Any]
+PROMPT_TOKENS = 32_768
+BLOCK = 16
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
+
+
+def _median_us(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples) * 1e6)
+
+
+def bench_hashing(quick: bool) -> list[Row]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 128_000, PROMPT_TOKENS).astype(np.int32)
+    rows = []
+    for algorithm in ("xxh3_128", "sha256"):
+        hasher = BlockHasher(algorithm, BLOCK, b"bench-salt", "bench-model")  # type: ignore[arg-type]
+        assert np.array_equal(hasher.hash_chain(tokens), hasher.hash_chain_reference(tokens))
+        fast = _median_us(lambda h=hasher: h.hash_chain(tokens), 50 if quick else 300)
+        loop = _median_us(lambda h=hasher: h.hash_chain_reference(tokens), 10 if quick else 40)
+        rows.append({
+            "name": f"hash 32K-token prompt, {algorithm} (2,048 blocks)",
+            "value": fast, "unit": "us",
+            "baseline": "plain per-block loop, same keys", "baseline_value": loop,
+            "target": "<= 200", "met": fast <= 200,
+        })
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[int]:
+    """A throwaway redis-server on a free loopback port, no persistence."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if not server or not cli:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = _free_port()
+    subprocess.run([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--daemonize", "yes"], check=True, capture_output=True)
+    probe = redis.Redis(port=port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            probe.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        subprocess.run([cli, "-p", str(port), "shutdown", "nosave"], capture_output=True, timeout=10)
+
+
+def _registry(port: int, stride: int, prefix: str) -> RedisPrefixRegistry:
+    return RedisPrefixRegistry(RegistryConfig(
+        backend="redis", url=f"redis://127.0.0.1:{port}/0", index_stride_blocks=stride,
+        key_prefix=prefix, entry_ttl_s=3600, heartbeat_interval_s=30, node_ttl_s=3600,
+    ))
+
+
+def bench_lookup(port: int, quick: bool) -> list[Row]:
+    """Scenarios: one node holds the whole prompt (the router keeps a prefix on one node, so
+    the common case), or eight nodes hold overlapping prefixes of it (2048, 1024, ... 16
+    blocks: 255 holder records to walk at stride 16). Other families sit in the registry."""
+    rng = np.random.default_rng(1)
+    hasher = BlockHasher("xxh3_128", BLOCK)
+    prompt = hasher.hash_chain(rng.integers(0, 128_000, PROMPT_TOKENS).astype(np.int32))
+    client = redis.Redis(port=port)
+    rows = []
+    for stride, holders in ((16, 1), (16, 8), (1, 1), (1, 8)):
+        registry = _registry(port, stride, f"lk{stride}x{holders}")
+        nodes = [f"node-{i}" for i in range(8)]
+        epochs = {n: registry.register_node(n) for n in nodes}
+        batches = []
+        for i, node in enumerate(nodes):
+            events = []
+            if i < holders:
+                held = prompt[: 2048 >> i]
+                events.append(BlockEvent.stored(held, Tier.GPU if i % 2 == 0 else Tier.CPU))
+            for _ in range(4):  # other families the registry holds besides
+                other = hasher.hash_chain(rng.integers(0, 128_000, 8192).astype(np.int32))
+                events.append(BlockEvent.stored(other, Tier.GPU))
+            batches.append(EventBatch(node, epochs[node], 1, tuple(events)))
+        registry.publish_many(batches)
+        answer = registry.longest_prefix(prompt)
+        assert answer["node-0"].num_blocks == 2048 and len(answer) == holders
+        client.ping()
+        lookups, pings = [], []
+        for _ in range((100 if quick else 1000) // (4 if stride == 1 else 1)):
+            start = time.perf_counter()
+            client.ping()
+            pings.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            registry.longest_prefix(prompt)
+            lookups.append(time.perf_counter() - start)
+        lookup_us, ping_us = float(np.median(lookups) * 1e6), float(np.median(pings) * 1e6)
+        label = "1 holder" if holders == 1 else f"{holders} overlapping holders"
+        rows.append({
+            "name": f"longest_prefix 32K prompt, stride {stride} ({2048 // stride} probes), "
+                    f"{label}, p50",
+            "value": lookup_us, "unit": "us",
+            "baseline": "PING p50, interleaved", "baseline_value": ping_us,
+            "target": f"<= 3x PING = {3 * ping_us:.0f} us" if stride == 16 else "-",
+            "met": lookup_us <= 3 * ping_us if stride == 16 else None,
+        })
+        rows.append({
+            "name": f"  ratio to PING, stride {stride}, {label}",
+            "value": lookup_us / ping_us, "unit": "x",
+            "target": "<= 3" if stride == 16 else "-",
+            "met": lookup_us <= 3 * ping_us if stride == 16 else None,
+        })
+    return rows
+
+
+def _publish_blocks(registry: RedisPrefixRegistry, blocks: int, holders: int, rng: np.random.Generator) -> int:
+    """Publish ``blocks`` random block keys (chains of 2,048) with ``holders`` nodes each."""
+    nodes = [f"node-{i}" for i in range(8)]
+    epochs = {n: registry.register_node(n) for n in nodes}
+    seqs = dict.fromkeys(nodes, 0)
+    chain_len = 2048
+    pending: list[EventBatch] = []
+    for c in range(blocks // chain_len):
+        chain: BlockHashArray = np.frombuffer(rng.bytes(chain_len * 16), dtype="V16")
+        for h in range(holders):
+            node = nodes[(c + h) % len(nodes)]
+            seqs[node] += 1
+            pending.append(EventBatch(node, epochs[node], seqs[node], (BlockEvent.stored(chain, Tier.GPU),)))
+        if len(pending) >= 16:
+            registry.publish_many(pending)
+            pending = []
+    registry.publish_many(pending)
+    return (blocks // chain_len) * chain_len * holders
+
+
+def bench_memory(port: int, quick: bool) -> list[Row]:
+    client = redis.Redis(port=port)
+    rng = np.random.default_rng(2)
+    total = 100_000 if quick else 1_000_000
+    naive_n = 20_000 if quick else 100_000
+    client.flushall()
+    base = int(client.info("memory")["used_memory"])
+    pipe = client.pipeline(transaction=False)
+    for i in range(naive_n):
+        # the naive layout: one string key per (block, node): key = prefix + block hex + node
+        pipe.set(f"naive:{rng.bytes(16).hex()}:{i % 8}", b"\x00")
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    naive = (int(client.info("memory")["used_memory"]) - base) / naive_n
+    rows = []
+    for holders in (1, 2):
+        client.flushall()
+        base = int(client.info("memory")["used_memory"])
+        registry = _registry(port, 1, f"mem{holders}")
+        start = time.perf_counter()
+        entries = _publish_blocks(registry, total // holders, holders, rng)
+        seconds = time.perf_counter() - start
+        grown = int(client.info("memory")["used_memory"]) - base
+        stats = registry.stats()
+        assert stats.entries == entries, (stats.entries, entries)
+        per_entry = grown / entries
+        rows.append({
+            "name": f"registry memory per (block, node) entry, {entries:,} entries, "
+                    f"{holders} holder(s) per block (used_memory growth)",
+            "value": per_entry, "unit": "bytes",
+            "baseline": "one string key per entry", "baseline_value": naive,
+            "target": "<= 100", "met": per_entry <= 100,
+        })
+        if stats.bytes is not None:
+            rows.append({
+                "name": f"  same, MEMORY USAGE of the family hashes, {holders} holder(s)",
+                "value": stats.bytes / entries, "unit": "bytes",
+                "baseline": "one string key per entry", "baseline_value": naive,
+                "target": "<= 100", "met": stats.bytes / entries <= 100,
+            })
+        rows.append({
+            "name": f"  pipelined publish rate, {holders} holder(s)",
+            "value": entries / seconds, "unit": "entries/s",
+        })
+    client.flushall()
+    return rows
+
+
+def bench_simulator(trace: Path | None, quick: bool) -> list[Row]:
+    if trace is None or not trace.is_file():
+        return [{"name": "simulator on the shared trace", "value": "skipped: trace not found"}]
+    requests = load_mooncake_trace(trace, limit=1000 if quick else None)
+    report = simulate(requests, SimulationConfig(nodes=8, capacity_fraction=0.05))
+    router, rr, ch = (report.result(p) for p in ("router", "round_robin", "consistent_hash"))
+    inf = report.infinite_hit_rate
+    label = f"{report.requests} requests, 8 nodes x 5%"
+    return [
+        {"name": f"simulator hit rate, router ({label})", "value": 100 * router.hit_rate, "unit": "%",
+         "baseline": "round-robin", "baseline_value": 100 * rr.hit_rate,
+         "target": ">= 3x round-robin", "met": router.hit_rate >= 3 * rr.hit_rate},
+        {"name": "  router hit rate / infinite single cache", "value": 100 * router.hit_rate / inf,
+         "unit": "%", "baseline": "infinite cache hit rate", "baseline_value": 100 * inf,
+         "target": ">= 95", "met": router.hit_rate >= 0.95 * inf},
+        {"name": "  consistent hashing hit rate / infinite", "value": 100 * ch.hit_rate / inf,
+         "unit": "%", "baseline": "infinite cache hit rate", "baseline_value": 100 * inf},
+        {"name": "  load imbalance (max/mean requests per node), router", "value": router.imbalance,
+         "unit": "x", "baseline": "consistent hashing", "baseline_value": ch.imbalance,
+         "target": "<= 1.10", "met": router.imbalance <= 1.10},
+        {"name": "  routing overhead per request (excl. registry), router", "value": router.overhead_us_mean,
+         "unit": "us", "baseline": "consistent-hash pick", "baseline_value": ch.overhead_us_mean,
+         "target": "<= 50", "met": router.overhead_us_mean <= 50},
+        {"name": "  tokens saved, router", "value": router.tokens_saved, "unit": "tokens",
+         "baseline": "infinite single cache", "baseline_value": report.infinite_tokens_saved},
+    ]
+
+
+def run(quick: bool = False, trace: Path | None = DEFAULT_TRACE) -> list[Row]:
+    rows = bench_hashing(quick)
+    with redis_server() as port:
+        rows += bench_lookup(port, quick)
+        rows += bench_memory(port, quick)
+    rows += bench_simulator(trace, quick)
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    table = [("figure", "value", "baseline (same run)", "target", "met")]
+    for row in rows:
+        baseline = ""
+        if row.get("baseline") is not None:
+            value = row.get("baseline_value")
+            baseline = (f"{fmt(value)} {row.get('unit', '')} " if value is not None else "") + f"({row['baseline']})"
+        met = row.get("met")
+        table.append((row["name"], f"{fmt(row['value'])} {row.get('unit', '')}".strip(), baseline,
+                      str(row.get("target", "")), "" if met is None else ("yes" if met else "NO")))
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations, 100K entries, 1,000 requests")
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake-format trace")
+    args = parser.parse_args()
+    print_table(run(quick=args.quick, trace=args.trace))
+
+
+if __name__ == "__main__":
+    main()
