@@ -218,6 +218,18 @@ class PrefixIndex:
             node.node_id,
         )
 
+    def peek(self, tokens: TokenInput, namespace: str = "default") -> int:
+        """How many leading tokens of ``tokens`` are cached, without counting a lookup or
+        marking anything used (admission checks, tests)."""
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        array = as_token_array(tokens)
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0
+        matched = descend(root, array.tobytes())[1] >> 3
+        return matched if matched >= self._min_prefix else 0
+
     def lookup_many(self, prompts: Iterable[TokenInput], namespace: str = "default") -> MatchBatch:
         """``lookup`` for each prompt, in order, with the per-call overhead paid once.
 
@@ -815,6 +827,10 @@ class PrefixIndex:
             return False
         self._unpin_record(record, touch=True)
         return True
+
+    def is_pinned(self, tokens: TokenInput, namespace: str = "default") -> bool:
+        """Whether a pin made with exactly these ``tokens`` is held (not unpinned or displaced)."""
+        return (namespace, as_token_array(tokens).tobytes()) in self._pins
 
     def pins(self) -> list[tuple[str, int, int]]:
         """``(namespace, pinned tokens, priority)`` of every pin, oldest first."""
