@@ -57,7 +57,9 @@ def parse_policy_name(name: str) -> tuple[str, ...]:
     Raises :class:`InvalidArgument` naming the bad value and listing the valid policies.
     """
     if not isinstance(name, str):
-        raise InvalidArgument(f"eviction policy must be a string, got {name!r}")
+        raise InvalidArgument(
+            f"eviction policy must be a string naming one of {', '.join(POLICY_NAMES)}, got {name!r}"
+        )
     parts = [p.strip().lower() for p in name.split("+")]
     valid = ", ".join(POLICY_NAMES)
     unknown = [p for p in parts if p not in POLICY_NAMES]
