@@ -56,6 +56,8 @@ class KVPayload:
                 f"payload holds {self.data.size} bytes of {self.data.dtype}; shape {self.shape} "
                 f"of {self.dtype} needs {expected} bytes of uint8"
             )
+        if expected == 0:  # torch cannot view an empty byte buffer as a wider dtype
+            return torch.empty(self.shape, dtype=dtype, device=device)
         # Arrays that came through Ray's object store are read-only; torch wants writable memory.
         data = self.data if self.data.flags.writeable else self.data.copy()
         tensor = torch.from_numpy(data).view(dtype).reshape(self.shape)

@@ -39,6 +39,10 @@ class NodeActor:
         if metrics_port is not None:
             self._metrics.serve(metrics_port)
 
+    @property
+    def node_id(self) -> str:
+        return self._engine.node_id
+
     def identity(self) -> NodeIdentity:
         return self._engine.identity()
 

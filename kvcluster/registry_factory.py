@@ -3,6 +3,7 @@ embedded one running in a Ray actor (a multi-node cluster with no Redis)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,10 +24,25 @@ class RemoteRegistry:
     the registry's own errors (``FencedEpoch``, ``InvalidArgument``) are re-raised as such.
     """
 
-    def __init__(self, actor: Any, index_stride: int, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        actor: Any,
+        index_stride: int,
+        *,
+        live_nodes_refresh_s: float = 0.25,
+        timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._actor = actor
         self._timeout_s = timeout_s
         self._stride = index_stride
+        # Liveness changes on the heartbeat's timescale, so the router's per-request
+        # live_nodes() is served from a copy at most this old (as the Redis backend does);
+        # a route then costs one registry round trip, not two.
+        self._refresh_s = live_nodes_refresh_s
+        self._clock = clock
+        self._live: tuple[float, Any] | None = None
+        self._live_lock = threading.Lock()
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -59,7 +75,15 @@ class RemoteRegistry:
         return self._call("longest_prefix", hashes, namespace)
 
     def live_nodes(self) -> Any:
-        return self._call("live_nodes")
+        with self._live_lock:
+            cached = self._live
+        now = self._clock()
+        if cached is not None and now - cached[0] < self._refresh_s:
+            return cached[1]
+        nodes = self._call("live_nodes")
+        with self._live_lock:
+            self._live = (now, nodes)
+        return nodes
 
     def purge_node(self, node_id: str) -> bool:
         return bool(self._call("purge_node", node_id))
@@ -83,5 +107,10 @@ def build_registry(
     if config.backend == "redis":
         return RedisPrefixRegistry(config, clock=clock)  # type: ignore[return-value]
     if registry_actor is not None:
-        return RemoteRegistry(registry_actor, config.index_stride_blocks)  # type: ignore[return-value]
+        return RemoteRegistry(  # type: ignore[return-value]
+            registry_actor,
+            config.index_stride_blocks,
+            live_nodes_refresh_s=min(0.5, config.heartbeat_interval_s / 4),
+            clock=clock,
+        )
     return InMemoryRegistry(config, clock=clock)

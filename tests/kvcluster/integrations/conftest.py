@@ -53,12 +53,19 @@ def mha_model() -> Any:
     return tiny_llama(kv_heads=8, layers=2, seed=2)
 
 
-def local_client(model: Any, name: str) -> Any:
+def local_client(model: Any, name: str, nodes: int) -> Any:
+    """An in-process cluster of ``nodes`` nodes for ``model``.
+
+    The registry indexes every block (stride 1), so a prefix of one full block or more is
+    routed to its holder; sub-block prefixes are not in the registry at all.
+    """
     spec = model_spec_from_hf(model.config, name=name)
     config = KVClusterConfig.from_dict(
         {
             "model": spec.model_dump(),
             "cache": {"block_size": BLOCK_SIZE, "num_blocks": 4096},
+            "registry": {"index_stride_blocks": 1},
+            "cluster": {"local_nodes": nodes},
         }
     )
     return kvcluster.connect_local(config)
@@ -66,13 +73,22 @@ def local_client(model: Any, name: str) -> Any:
 
 @pytest.fixture(scope="module")
 def gqa_client(gqa_model: Any) -> Iterator[Any]:
-    client = local_client(gqa_model, "tiny-llama-gqa-test")
+    """One node: every lookup reaches the node holding the prefix, whatever its length."""
+    client = local_client(gqa_model, "tiny-llama-gqa-test", nodes=1)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gqa_cluster(gqa_model: Any) -> Iterator[Any]:
+    """Three nodes: lookups are routed through the registry."""
+    client = local_client(gqa_model, "tiny-llama-gqa-test", nodes=3)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
 def mha_client(mha_model: Any) -> Iterator[Any]:
-    client = local_client(mha_model, "tiny-llama-mha-test")
+    client = local_client(mha_model, "tiny-llama-mha-test", nodes=1)
     yield client
     client.close()

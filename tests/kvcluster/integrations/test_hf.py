@@ -7,6 +7,7 @@ recomputation of the whole sequence at every step with no cache at all.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -70,6 +71,11 @@ def assert_same_generation(result: Any, model: Any, prompt: np.ndarray) -> None:
     assert result.tokens == tokens
     torch.testing.assert_close(result.logits, logits, atol=ATOL, rtol=0)
     assert result.first_logits.shape == (VOCAB,)
+
+
+def case_namespace(request: pytest.FixtureRequest) -> str:
+    """A namespace of its own for each test case: no case sees another's cache."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)
 
 
 def cache_prefix(client: Any, model: Any, tokens: np.ndarray, namespace: str) -> None:
@@ -245,7 +251,7 @@ def _random_cases(count: int) -> list[tuple[int, int]]:
 def test_generate_with_cached_prefix_equals_no_cache_gqa(
     gqa_model: Any, gqa_client: Any, request: pytest.FixtureRequest, length: int, cached: int
 ) -> None:
-    namespace = request.node.name
+    namespace = case_namespace(request)
     prompt = random_prompt(1000 * length + cached, length)
     if cached:
         cache_prefix(gqa_client, gqa_model, prompt[:cached], namespace)
@@ -269,7 +275,7 @@ def test_generate_with_cached_prefix_equals_no_cache_gqa(
 def test_generate_with_cached_prefix_equals_no_cache_mha(
     mha_model: Any, mha_client: Any, request: pytest.FixtureRequest, length: int, cached: int
 ) -> None:
-    namespace = request.node.name
+    namespace = case_namespace(request)
     prompt = random_prompt(length + 7 * cached, length)
     if cached:
         cache_prefix(mha_client, mha_model, prompt[:cached], namespace)
@@ -291,23 +297,48 @@ def test_generate_agrees_with_transformers_own_generate(gqa_model: Any, gqa_clie
     torch.testing.assert_close(result.logits, torch.cat(out.logits), atol=ATOL, rtol=0)
 
 
-def test_multi_turn_chat_reuses_each_previous_turn(gqa_model: Any, gqa_client: Any) -> None:
-    namespace = "chat"
+@pytest.mark.parametrize(("length", "cached"), [(64, 37), (50, 50), (100, 16), (200, 131)])
+def test_three_node_cluster_routes_to_the_prefix_and_generates_the_same(
+    gqa_model: Any, gqa_cluster: Any, request: pytest.FixtureRequest, length: int, cached: int
+) -> None:
+    """Prefixes of at least one full block are found through the registry on any of 3 nodes."""
+    namespace = case_namespace(request)
+    prompt = random_prompt(31 * length + cached, length)
+    holder = gqa_cluster.store(prompt[:cached], reference_kv(gqa_model, prompt[:cached]), namespace=namespace)
+    result = generate(gqa_model, prompt, gqa_cluster, max_new_tokens=NEW_TOKENS, namespace=namespace)
+    assert result.node_id == holder.node_id
+    assert result.matched_tokens == cached
+    assert_same_generation(result, gqa_model, prompt)
+
+
+@pytest.mark.parametrize("client_fixture", ["gqa_client", "gqa_cluster"])
+def test_multi_turn_chat_reuses_each_previous_turn(
+    gqa_model: Any, client_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    client = request.getfixturevalue(client_fixture)
+    namespace = case_namespace(request)
     rng = np.random.default_rng(11)
     history = np.empty(0, dtype=np.int64)
     stored_before = 0  # tokens of the conversation the cluster held after the previous turn
+    nodes: set[str] = set()
     for turn, user_len in enumerate([23, 9, 30, 1]):
         prompt = np.concatenate([history, rng.integers(0, VOCAB, size=user_len)])
-        result = generate(gqa_model, prompt, gqa_client, max_new_tokens=6, namespace=namespace)
+        result = generate(gqa_model, prompt, client, max_new_tokens=6, namespace=namespace)
         assert_same_generation(result, gqa_model, prompt)
         # Everything but the previous turn's last response token (never fed back) was reused.
         assert result.matched_tokens == stored_before, f"turn {turn}"
         assert result.computed_tokens == len(prompt) - stored_before
         history = np.concatenate([prompt, np.asarray(result.tokens, dtype=np.int64)])
         stored_before = len(history) - 1
+        nodes.add(result.node_id)
+    assert len(nodes) == 1  # the conversation stuck to the node holding its history
 
 
-def test_two_tenants_never_share_a_prefix(gqa_model: Any, gqa_client: Any) -> None:
+@pytest.mark.parametrize("client_fixture", ["gqa_client", "gqa_cluster"])
+def test_two_tenants_never_share_a_prefix(
+    gqa_model: Any, client_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    gqa_client = request.getfixturevalue(client_fixture)
     system_prompt = random_prompt(99, 40)
     question = random_prompt(98, 12)
     prompt = np.concatenate([system_prompt, question])
