@@ -168,12 +168,23 @@ class InMemoryRegistry:
             return self._publish_locked(batch, ops)
 
     def publish_many(self, batches: Sequence[EventBatch]) -> list[PublishResult]:
+        """Publish in order. Every batch is attempted; if some were fenced,
+        :class:`FencedEpoch` is raised after all (the others took effect)."""
         prepared = []
         for batch in batches:
             validate_batch(batch)
             prepared.append((batch, flatten_events(batch.events, self.index_stride)))
+        results: list[PublishResult] = []
+        fenced: FencedEpoch | None = None
         with self._lock:
-            return [self._publish_locked(batch, ops) for batch, ops in prepared]
+            for batch, ops in prepared:
+                try:
+                    results.append(self._publish_locked(batch, ops))
+                except FencedEpoch as exc:
+                    fenced = fenced or exc
+        if fenced is not None:
+            raise fenced
+        return results
 
     def _publish_locked(self, batch: EventBatch, ops: list[FlatOp]) -> PublishResult:
         now = self._clock()
@@ -210,8 +221,11 @@ class InMemoryRegistry:
             del node.pending[seq]
 
     def _apply(self, ops: list[FlatOp], incarnation: int, now: float) -> None:
+        """Apply ops; every entry touched also loses the records of forgotten incarnations
+        (a restarted node's re-announcement cleans up after its old epoch)."""
         expires_at = now + self._config.entry_ttl_s
         families = self._families
+        known = self._incarnations
         for kind, tier, namespace, family_key, key in ops:
             fkey = (namespace, family_key)
             family = families.get(fkey)
@@ -221,16 +235,20 @@ class InMemoryRegistry:
             if kind is EventKind.STORED:
                 if family is None:
                     family = families[fkey] = _Family({}, expires_at)
-                family.entries.setdefault(key, {})[incarnation] = tier
+                holders = family.entries.setdefault(key, {})
+                _drop_forgotten(holders, known)
+                holders[incarnation] = tier
             elif family is not None:
                 holders = family.entries.get(key)
-                if holders is not None and incarnation in holders:
-                    if kind is EventKind.REMOVED:
-                        del holders[incarnation]
-                        if not holders:
-                            del family.entries[key]
-                    else:
-                        holders[incarnation] = tier
+                if holders is not None:
+                    _drop_forgotten(holders, known)
+                    if incarnation in holders:
+                        if kind is EventKind.REMOVED:
+                            del holders[incarnation]
+                        else:
+                            holders[incarnation] = tier
+                    if not holders:
+                        del family.entries[key]
             if family is not None:
                 family.expires_at = expires_at
                 if not family.entries:
@@ -292,6 +310,14 @@ class InMemoryRegistry:
                 del self._families[key]
             return len(doomed)
 
+    def sweep(self) -> int:
+        """Reclaim records of forgotten incarnations and expired families now (O(entries));
+        returns the records removed."""
+        with self._lock:
+            before = sum(len(h) for f in self._families.values() for h in f.entries.values())
+            self._sweep(self._clock())
+            return before - sum(len(h) for f in self._families.values() for h in f.entries.values())
+
     def _sweep(self, now: float) -> None:
         """Drop expired families and the records of forgotten incarnations (O(entries))."""
         self._next_sweep = now + self._config.entry_ttl_s / 4
@@ -328,3 +354,7 @@ class InMemoryRegistry:
     def close(self) -> None:
         """Nothing to release; present for the protocol."""
 
+
+def _drop_forgotten(holders: dict[int, int], known: Mapping[int, str]) -> None:
+    for incarnation in [i for i in holders if i not in known]:
+        del holders[incarnation]

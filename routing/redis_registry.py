@@ -87,7 +87,10 @@ _STATUS = {
     5: PublishStatus.RESYNC,
 }
 _FENCED = 6
-_SCAN_COUNT = 200
+# SCAN COUNT per script step: small where each key is read whole (a family can hold thousands
+# of fields), so that no single step blocks Redis for long; large where keys are just unlinked.
+_SCAN_COUNT_READ = 16
+_SCAN_COUNT_UNLINK = 200
 _UNAVAILABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -335,7 +338,7 @@ class RedisPrefixRegistry:
         removed = 0
         while True:
             reply = self._run(
-                "sweep", [self._incarnations_key], [cursor, self._family_pattern, _SCAN_COUNT]
+                "sweep", [self._incarnations_key], [cursor, self._family_pattern, _SCAN_COUNT_READ]
             )
             if not isinstance(reply, list) or len(reply) != 4:
                 raise RegistryDataError(f"sweep script returned {reply!r:.80}")
@@ -349,7 +352,7 @@ class RedisPrefixRegistry:
 
     def _publish_call(self, batch: EventBatch) -> tuple[list[str], list[Any]]:
         families, blob = encode_ops(batch.events, self.index_stride, self.family_key)
-        keys = [self._nodes_key, self.pending_key(batch.node_id), *families]
+        keys = [self._nodes_key, self._incarnations_key, self.pending_key(batch.node_id), *families]
         args = [batch.node_id, batch.epoch, batch.seq, self._entry_ttl_ms,
                 self._config.max_buffered_batches, blob]
         return keys, args
@@ -360,7 +363,10 @@ class RedisPrefixRegistry:
         return self._publish_result(batch, self._run("publish", keys, args))
 
     def publish_many(self, batches: Sequence[EventBatch]) -> list[PublishResult]:
-        """Publish in order in one pipelined round trip (each batch still one script)."""
+        """Publish in order in one pipelined round trip (each batch still one script).
+
+        Every batch is attempted; if some were fenced, :class:`FencedEpoch` is raised after
+        all were sent (the others took effect)."""
         calls = []
         for batch in batches:
             validate_batch(batch)
@@ -373,7 +379,16 @@ class RedisPrefixRegistry:
             for keys, args in calls:
                 script(keys=keys, args=args, client=pipe)
             replies = pipe.execute()
-        return [self._publish_result(b, r) for b, r in zip(batches, replies)]
+        results: list[PublishResult] = []
+        fenced: FencedEpoch | None = None
+        for batch, reply in zip(batches, replies):
+            try:
+                results.append(self._publish_result(batch, reply))
+            except FencedEpoch as exc:
+                fenced = fenced or exc
+        if fenced is not None:
+            raise fenced
+        return results
 
     def _publish_result(self, batch: EventBatch, reply: Any) -> PublishResult:
         status, through, applied, current, garbage = _int_list(reply, 5, "publish")
@@ -428,7 +443,7 @@ class RedisPrefixRegistry:
         cursor: bytes | str = "0"
         deleted = 0
         while True:
-            reply = self._run("clear_namespace", [], [cursor, pattern, _SCAN_COUNT])
+            reply = self._run("clear_namespace", [], [cursor, pattern, _SCAN_COUNT_UNLINK])
             if not isinstance(reply, list) or len(reply) != 2:
                 raise RegistryDataError(f"clear_namespace script returned {reply!r:.80}")
             cursor, deleted = reply[0], deleted + int(reply[1])
@@ -440,7 +455,7 @@ class RedisPrefixRegistry:
         totals = [0, 0, 0, 0, 0]
         supported = True
         while True:
-            reply = self._run("stats", [], [cursor, self._family_pattern, _SCAN_COUNT])
+            reply = self._run("stats", [], [cursor, self._family_pattern, _SCAN_COUNT_READ])
             if not isinstance(reply, list) or len(reply) != 7:
                 raise RegistryDataError(f"stats script returned {reply!r:.80}")
             cursor = reply[0]

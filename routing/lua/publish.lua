@@ -1,7 +1,8 @@
 -- publish.lua: apply one node's event batch atomically, exactly once, in sequence order.
 -- KEYS[1]   nodes hash (node id -> node record)
--- KEYS[2]   the node's pending hash (seq -> ops blob of a batch that arrived ahead of a gap)
--- KEYS[3..] the family hashes this batch names (the blob names them too, by position)
+-- KEYS[2]   incarnations hash (the incarnations still registered)
+-- KEYS[3]   the node's pending hash (seq -> ops blob of a batch that arrived ahead of a gap)
+-- KEYS[4..] the family hashes this batch names (the blob names them too, by position)
 -- ARGV[1]   node id
 -- ARGV[2]   epoch
 -- ARGV[3]   sequence number (1, 2, 3, ... per epoch)
@@ -16,6 +17,8 @@
 --                    5 unknown node (register again), 6 fenced (epoch is not current)
 -- A buffered blob is applied by the later call that fills the gap before it; the family keys
 -- it names are read from the blob (one Redis; see routing/README.md for Redis Cluster).
+-- Every entry it rewrites also loses the records of incarnations no longer registered (a
+-- restarted node's re-announcement thus cleans up after its old epoch).
 
 -- Parse and check a whole blob before anything is written (scripts do not roll back).
 local function parse_ops(blob)
@@ -42,19 +45,20 @@ local function parse_ops(blob)
   return {keys = keys, base = pos, n = n}
 end
 
--- The entry v without the record of incarnation (hi, lo); '' when v is absent.
-local function strip(v, hi, lo)
+-- The entry v without the record of incarnation (hi, lo) and without the records of
+-- incarnations not in `known`; '' when v is absent.
+local function strip(v, hi, lo, known)
   if not v then return '' end
+  local keep = {}
   for o = 1, #v - 2, 3 do
-    if byte(v, o) == hi and byte(v, o + 1) == lo then
-      return sub(v, 1, o - 1) .. sub(v, o + 3)
-    end
+    local a, b = byte(v, o, o + 1)
+    if not (a == hi and b == lo) and known[a * 256 + b] then keep[#keep + 1] = sub(v, o, o + 2) end
   end
-  return v
+  return table.concat(keep)
 end
 
 -- Apply parsed ops; returns how many garbage keys (not hashes) it had to replace.
-local function apply(ops, blob, incarnation, ttl)
+local function apply(ops, blob, incarnation, ttl, known)
   local hi, lo = floor(incarnation / 256), incarnation % 256
   local touched = {}
   local garbage = 0
@@ -73,17 +77,21 @@ local function apply(ops, blob, incarnation, ttl)
     local v = redis.call('HGET', key, field)
     if v and #v % 3 ~= 0 then v = false end -- a malformed entry is replaced, not parsed
     if kind == 1 then
-      redis.call('HSET', key, field, strip(v, hi, lo) .. char(hi, lo, tier))
+      redis.call('HSET', key, field, strip(v, hi, lo, known) .. char(hi, lo, tier))
     elseif v then
-      local rest = strip(v, hi, lo)
-      if rest ~= v then
-        if kind == 3 then
-          redis.call('HSET', key, field, rest .. char(hi, lo, tier))
-        elseif rest == '' then
-          redis.call('HDEL', key, field)
-        else
-          redis.call('HSET', key, field, rest)
-        end
+      local rest = strip(v, hi, lo, known)
+      -- did v hold this incarnation's record? (rest may also have lost dead records)
+      local held = false
+      for o = 1, #v - 2, 3 do
+        local a, b = byte(v, o, o + 1)
+        if a == hi and b == lo then held = true break end
+      end
+      if kind == 3 and held then
+        redis.call('HSET', key, field, rest .. char(hi, lo, tier))
+      elseif rest == '' then
+        redis.call('HDEL', key, field)
+      elseif rest ~= v then
+        redis.call('HSET', key, field, rest)
       end
     end
     touched[key] = true
@@ -101,31 +109,35 @@ local function apply(ops, blob, incarnation, ttl)
 end
 
 local f = parse_node(redis.call('HGET', KEYS[1], ARGV[1]))
+local PENDING = KEYS[3]
 if not f then return {5, 0, 0, 0, 0} end
 local epoch, seq = tonumber(ARGV[2]), tonumber(ARGV[3])
 if f[2] ~= epoch then return {6, f[5], 0, f[2], 0} end
 local ttl, window, blob = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local through = f[5]
-if seq <= through or redis.call('HEXISTS', KEYS[2], seq) == 1 then
+if seq <= through or redis.call('HEXISTS', PENDING, seq) == 1 then
   return {2, through, 0, epoch, 0}
 end
 local ops = parse_ops(blob)
 if not ops then return redis.error_reply('ERR malformed ops blob') end
 if seq > through + 1 then
   if seq > through + 1 + window then return {4, through, 0, epoch, 0} end
-  redis.call('HSET', KEYS[2], seq, blob)
-  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('HSET', PENDING, seq, blob)
+  redis.call('PEXPIRE', PENDING, ttl)
   return {3, through, 0, epoch, 0}
 end
-local garbage = apply(ops, blob, f[3], ttl)
+local known = {}
+local incs = redis.call('HKEYS', KEYS[2])
+for i = 1, #incs do known[tonumber(incs[i])] = true end
+local garbage = apply(ops, blob, f[3], ttl, known)
 through = seq
 local applied = 1
 while true do
-  local nxt = redis.call('HGET', KEYS[2], through + 1)
+  local nxt = redis.call('HGET', PENDING, through + 1)
   if not nxt then break end
-  redis.call('HDEL', KEYS[2], through + 1)
+  redis.call('HDEL', PENDING, through + 1)
   local buffered = parse_ops(nxt)
-  if buffered then garbage = garbage + apply(buffered, nxt, f[3], ttl) end
+  if buffered then garbage = garbage + apply(buffered, nxt, f[3], ttl, known) end
   through = through + 1
   applied = applied + 1
 end

@@ -209,10 +209,25 @@ def test_fencing_a_restarted_node(registry_env: RegistryEnv) -> None:
     with pytest.raises(FencedEpoch):
         registry.heartbeat("a", old.epoch, NodeLoad())
     assert registry.longest_prefix(full) == {}
-    # the new epoch counts from 1 again
+    # the new epoch counts from 1 again; re-announcing drops the old epoch's records
     assert new.publish(store(full, 0, 3)) is PublishStatus.APPLIED
     assert registry.longest_prefix(full) == {"a": PrefixHolding(3, 3, 0, 0)}
     assert registry.live_nodes()["a"].epoch == new.epoch
+    assert registry.stats().entries == 3 + 3  # blocks 3..5 of the old epoch await a sweep
+    assert registry.sweep() == 3  # type: ignore[attr-defined]
+    assert registry.stats().entries == 3
+
+
+def test_publish_many_raises_fenced_after_sending_all(registry_env: RegistryEnv) -> None:
+    registry = registry_env.make()
+    old = Node(registry, "a")
+    new = Node(registry, "a")
+    b = Node(registry, "b")
+    full = chain(17)
+    with pytest.raises(FencedEpoch):
+        registry.publish_many([old.batch(store(full, 0, 2)), b.batch(store(full, 0, 4)),
+                               new.batch(store(full, 0, 1))])
+    assert registry.longest_prefix(full) == {"a": PrefixHolding(1, 1, 0, 0), "b": PrefixHolding(4, 4, 0, 0)}
 
 
 def test_epochs_stay_above_what_the_node_knew(registry_env: RegistryEnv) -> None:
