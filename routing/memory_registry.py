@@ -235,9 +235,9 @@ class InMemoryRegistry:
             if kind is EventKind.STORED:
                 if family is None:
                     family = families[fkey] = _Family({}, expires_at)
-                holders = family.entries.setdefault(key, {})
-                _drop_forgotten(holders, known)
-                holders[incarnation] = tier
+                stored = family.entries.setdefault(key, {})
+                _drop_forgotten(stored, known)
+                stored[incarnation] = tier
             elif family is not None:
                 holders = family.entries.get(key)
                 if holders is not None:
