@@ -442,6 +442,7 @@ class PrefixIndex:
         pinned_straddles: list[int] = []
         touched: list[RadixNode] = []
         marked: list[RadixNode] = []  # existing nodes that became the end of a sequence
+        shared_firsts: list[tuple[int, int]] = []  # (block, tree refs on it from the path)
         new_bytes = splits = skipped = 0
         shortest = self._min_prefix * ID_BYTES
         next_id = self._next_node_id
@@ -484,6 +485,12 @@ class PrefixIndex:
                         pinned_straddles.append(block)
             else:
                 parent = node
+                if depth % bs and pos != end:
+                    at = (depth // bs) * ID_BYTES
+                    if blocks[block_start + at : block_start + at + ID_BYTES] == parent.path_blocks[at : at + ID_BYTES]:
+                        # The sequence's block at the boundary is the parent's own (the tree
+                        # adopted it from this sequence or a fork before): shared, not copied.
+                        shared_firsts.append(self._straddle_holders(parent, depth // bs))
             if pos == end:  # already cached: keep its blocks, mark where this sequence ends
                 if not parent.terminal:
                     parent.terminal = True
@@ -512,11 +519,14 @@ class PrefixIndex:
         if new_ids.size:
             held = self._tree_refs[new_ids] > 0
             if held.any():
-                problem = (
-                    f"block(s) {new_ids[held][:8].tolist()} already hold cached tokens; a sequence "
-                    "extending a cached prefix must copy its shared partial block before writing"
-                )
-            elif new_ids.size > 1 and np.unique(new_ids).size != new_ids.size:
+                allowed = dict(shared_firsts)
+                bad = [b for b in new_ids[held].tolist() if allowed.get(b) != int(self._tree_refs[b])]
+                if bad:
+                    problem = (
+                        f"block(s) {bad[:8]} already hold cached tokens; a sequence extending a "
+                        "cached prefix must copy its shared partial block before writing"
+                    )
+            if problem is None and new_ids.size > 1 and np.unique(new_ids).size != new_ids.size:
                 problem = "two items of the batch claim the same block for different tokens"
         if problem is not None:
             for node in marked:
@@ -535,7 +545,7 @@ class PrefixIndex:
         elif new_ids.size:
             self._pool.incref(new_ids)
             self._tree_refs[new_ids] += 1
-        self._blocks_used += new_ids.size
+        self._blocks_used += new_ids.size - len(shared_firsts)
         policy = self._policy
         policy.track_many([n for n in created if not n.pin_count])
         policy.touch_many(touched, now)
@@ -546,6 +556,18 @@ class PrefixIndex:
         if self._memory_budget is not None:
             self.enforce_memory_budget()
         return InsertBatchResult(len(sizes), considered - new_tokens, new_tokens, new_ids.size, splits, skipped)
+
+    def _straddle_holders(self, node: RadixNode, index: int) -> tuple[int, int]:
+        """Block number ``index`` of ``node``'s path and how many nodes from ``node`` up hold it
+        (several when edge boundaries fall inside that block)."""
+        block = block_at(node.path_blocks, index)
+        holders = 0
+        current: RadixNode | None = node
+        while current is not None and current.parent is not None and current.end > index * self._bs:
+            if block_at(current.path_blocks, index) == block:
+                holders += 1
+            current = current.parent
+        return block, holders
 
     def _split(self, node: RadixNode, at: int, now: float, *, track: bool) -> RadixNode:
         """Split ``node``'s edge at token position ``at`` (``start < at < end``); return the new

@@ -6,11 +6,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvcluster.core.block_pool import BlockPool
 from kvcluster.core.eviction import make_policy
 from kvcluster.core.prefix_index import PrefixIndex
 from kvcluster.core.prefix_records import EvictedBlock
+
+
+def causal_kv(tokens: Any, layers: int = 1, heads: int = 1, dim: int = 2) -> torch.Tensor:
+    """K/V ``(layers, 2, T, heads, dim)`` where row t depends on tokens[0..t] (a rolling hash,
+    exact in float32) and on t, so a prefix's K/V are the first rows of any extension's and a
+    wrong, shifted or foreign block never reads back equal."""
+    values = [int(t) for t in np.asarray(tokens).reshape(-1)]
+    rows = np.empty((len(values), dim), dtype=np.float32)
+    h = 7
+    for t, token in enumerate(values):
+        h = (h * 31 + token + 1) % 1_000_003
+        rows[t] = [h + 0.25 * j for j in range(dim)]
+        rows[t, -1] = t
+    k = torch.from_numpy(rows).reshape(1, 1, len(values), 1, dim).expand(layers, 1, len(values), heads, dim)
+    return torch.cat([k, k + 0.5], dim=1).contiguous()
 
 
 @dataclass

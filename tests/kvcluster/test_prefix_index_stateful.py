@@ -17,7 +17,6 @@ prompts inserted per namespace. After every step:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -29,7 +28,7 @@ from kvcluster.core.prefix_index import PrefixIndex
 from kvcluster.core.prefix_records import Lease
 from kvcluster.errors import CapacityError, ContextTooLong, PinBudgetExceeded
 from kvcluster.model_spec import ModelSpec
-from tests.kvcluster.prefix_cache_helpers import FakeClock
+from tests.kvcluster.prefix_cache_helpers import FakeClock, causal_kv
 
 SPEC = ModelSpec(
     name="prefix-stateful", num_layers=1, num_attention_heads=1, num_kv_heads=1, head_dim=2,
@@ -52,14 +51,7 @@ namespaces = st.sampled_from(NAMESPACES)
 
 
 def kv_of(tokens: list[int]) -> torch.Tensor:
-    """Causal K/V: row t is a rolling hash of tokens[0..t] (exact in float32) and t."""
-    rows = np.empty((len(tokens), 2), dtype=np.float32)
-    h = 7
-    for t, token in enumerate(tokens):
-        h = (h * 31 + token + 1) % 1_000_003
-        rows[t] = (h, t)
-    k = torch.from_numpy(rows).reshape(1, 1, len(tokens), 1, 2)
-    return torch.cat([k, k + 0.5], dim=1)
+    return causal_kv(tokens)
 
 
 def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
