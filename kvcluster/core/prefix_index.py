@@ -679,8 +679,10 @@ class PrefixIndex:
 
     def reclaimable_blocks(self) -> int:
         """Blocks that eviction could return to the pool now: referenced by the tree only and
-        not pinned. An upper bound when a leaf in use sits below such blocks (not the case for
-        sequences built from lookups or leases, which hold their whole prefix). O(pool) in numpy.
+        not pinned. O(pool) in numpy. An upper bound when a node with such blocks sits above a
+        leaf in use: sequences built from lookups and leases hold their whole prefix, but a
+        conversation that wrote its next turn into a copy of its partial last block leaves the
+        tree's old partial block (one per such turn) above its leaf until the leaf goes.
         """
         tree = self._tree_refs
         rc = self._pool.ref_counts_view()
