@@ -23,8 +23,8 @@ so the router takes the first node on the ring of the known nodes. An unreachabl
 after ``registry_retry_s`` (doubling up to ``registry_retry_max_s``); the router recovers by
 itself when it answers again. Every decision carries a one-line explanation.
 
-Thread-safety: not thread-safe (it keeps per-node routing counters); use one per thread or
-guard it with a lock.
+Thread-safety: thread-safe. Registry calls run unlocked; the routing state (per-node counters,
+the ring, the outage backoff) is updated under ``self._lock``, held only for the scoring.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,7 @@ class Router:
         self._retry_at = -math.inf
         self._backoff = config.registry_retry_s
         self._down = False
+        self._lock = threading.Lock()
         self._routed = self._by_prefix = self._overrides = 0
         self._no_match = self._unavailable = self._failures = self._no_live = 0
 
@@ -182,6 +184,10 @@ class Router:
         return self._route(check_chain(hashes), namespace, candidates, None)
 
     def stats(self) -> RouterStats:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> RouterStats:
         return RouterStats(self._routed, self._by_prefix, self._overrides, self._no_match,
                            self._unavailable, self._failures, self._no_live)
 
@@ -213,23 +219,30 @@ class Router:
                 live = self._registry.live_nodes()
                 if hashes.size and live:
                     holdings = self._registry.longest_prefix(hashes, namespace)
-                self._registry_up()
+                with self._lock:
+                    self._registry_up()
             except RegistryUnavailable as exc:
                 error = exc
-                self._registry_failed(exc, now)
+                with self._lock:
+                    self._registry_failed(exc, now)
                 live = None
         if live is None:
-            return self._ring_route(hashes, fallback_key, candidates, error)
+            with self._lock:
+                return self._ring_route(hashes, fallback_key, candidates, error)
         if live:
-            self._known_nodes = sorted(live)
+            known = sorted(live)
+            if known != self._known_nodes:
+                self._known_nodes = known
         if candidates is not None:
             allowed = set(candidates)
             live = {n: info for n, info in live.items() if n in allowed}
         if not live:
             # A registry that restarted empty knows no node until they re-register (within a
             # heartbeat); keep routing over the nodes known before (or the caller's).
-            return self._ring_route(hashes, fallback_key, candidates, None)
-        return self._score(hashes, live, holdings, fallback_key)
+            with self._lock:
+                return self._ring_route(hashes, fallback_key, candidates, None)
+        with self._lock:
+            return self._score(hashes, live, holdings, fallback_key)
 
     def _effective_inflight(self, live: dict[str, NodeInfo]) -> dict[str, int]:
         now = self._clock()

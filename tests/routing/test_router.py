@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from typing import Any
 
@@ -330,3 +331,26 @@ def test_new_prefixes_take_the_less_loaded_of_two_ring_choices() -> None:
     for node in nodes:
         plain.load(node, 3 if node == first else 0)
     assert plain.router.route_hashes(chain).node_id == first
+
+
+def test_concurrent_routing_keeps_counts() -> None:
+    cluster = Cluster([f"n{i}" for i in range(4)], imbalance_threshold=1.25)
+    chain = HASHER.hash_chain(tokens(15))
+    cluster.hold("n0", chain)
+    picks: list[str] = []
+    guard = threading.Lock()
+
+    def work() -> None:
+        for _ in range(100):
+            node = cluster.router.route_hashes(chain).node_id
+            with guard:
+                picks.append(node)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(picks) == 400 and cluster.router.stats().routed == 400
+    # bounded loads hold under concurrency: ceil(1.25 * 400 / 4) = 125
+    assert max(Counter(picks).values()) <= 125
