@@ -11,8 +11,8 @@ For 2K- and 8K-token prompts (2K only with ``--quick``), in the same run:
   transformers cache from it and prefills only the last 10 %.
 
 Time to first token runs from the call to the first greedy token: routing, the fetch, the
-cache conversion and the prefill. Cold and cached runs alternate; each figure is the median
-of the repeats. Both paths must choose the same first token (checked). Prefill FLOPs come from
+cache conversion and the prefill. Cold and cached runs alternate; after one uncounted round
+of each (first calls per shape are slow), each figure is the median of the repeats. Both paths must choose the same first token (checked). Prefill FLOPs come from
 :meth:`ModelSpec.prefill_flops` (dense matmuls plus causal attention over the cached context).
 
 The model is a Llama-architecture ``LlamaForCausalLM`` with seeded random weights (no
@@ -81,17 +81,21 @@ def bench_prompt(model: Any, client: Any, num_tokens: int, repeats: int, seed: i
 
     cold_s: list[float] = []
     warm_s: list[float] = []
-    for _ in range(repeats):
+    # Round 0 is a warm-up of both paths at this prompt's shapes (oneDNN builds its matmul
+    # primitives on the first call per shape), not counted.
+    for round_index in range(repeats + 1):
         seconds, cold_token, matched = _first_token_s(model, prompt, client, cold_ns)
         if matched != 0:
             raise RuntimeError(f"the cold namespace matched {matched} tokens")
-        cold_s.append(seconds)
+        cold = seconds
         seconds, warm_token, matched = _first_token_s(model, prompt, client, warm_ns)
         if matched != cached:
             raise RuntimeError(f"the cluster matched {matched} tokens, {cached} were cached")
         if warm_token != cold_token:
             raise RuntimeError(f"cached path chose token {warm_token}, cold chose {cold_token}")
-        warm_s.append(seconds)
+        if round_index:
+            cold_s.append(cold)
+            warm_s.append(seconds)
 
     cold, warm = statistics.median(cold_s), statistics.median(warm_s)
     ratio = warm / cold
