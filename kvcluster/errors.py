@@ -166,3 +166,11 @@ class NoLiveNodes(RoutingError):
     """The registry knows no live node (among the candidates) to route a request to."""
 
     retryable = True
+
+
+# --- workload analysis (appended) -----------------------------------------------------------
+
+
+class InvalidWorkload(InvalidArgument):
+    """A workload file (JSONL prompts or a block trace) that cannot be read or parsed; the
+    message names the file and the line."""
