@@ -8,6 +8,8 @@ recomputation of the whole sequence at every step with no cache at all.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -479,3 +481,24 @@ def test_a_node_lost_before_release_still_returns_the_generation(gqa_model: Any)
     result = generate(gqa_model, [1, 2, 3], client, max_new_tokens=2)
     assert len(result.tokens) == 2 and result.stored_tokens == 4  # prompt + first token
     assert client.calls[-1] == "release"
+
+
+# --- the optional extra ----------------------------------------------------------------------
+
+
+def test_transformers_is_imported_only_when_used() -> None:
+    """Importing the integration needs no transformers; using it without one says what to install."""
+    script = """
+import sys
+import torch
+import kvcluster.integrations.hf as hf
+assert "transformers" not in sys.modules, "imported at module load"
+sys.modules["transformers"] = None  # as if it were not installed
+from kvcluster.errors import MissingDependency
+try:
+    hf.cache_from_kv(torch.zeros(1, 2, 0, 1, 4), object())
+except MissingDependency as exc:
+    print(exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert "pip install 'kvcluster[hf]'" in out.stdout
