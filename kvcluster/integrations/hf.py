@@ -66,14 +66,16 @@ class RouteResultLike(Protocol):
     def matched_tokens(self) -> int: ...
 
 
-class KVClient(Protocol):
-    """The four calls of :class:`kvcluster.client.Client` that :func:`generate` makes."""
+class KVClientLike(Protocol):
+    """The four calls of :class:`kvcluster.client.KVClient` that :func:`generate` makes."""
 
-    def route_and_lookup(self, tokens: Any, namespace: str = ...) -> Any: ...
+    def route_and_lookup(self, tokens: Any, namespace: str = ...) -> RouteResultLike: ...
 
     def fetch(self, result: Any) -> torch.Tensor: ...
 
-    def store(self, tokens: Any, kv: torch.Tensor, namespace: str = ..., result: Any = ...) -> Any: ...
+    def store(
+        self, tokens: Any, kv: torch.Tensor, namespace: str = ..., *, result: Any = ...
+    ) -> Any: ...
 
     def release(self, result: Any) -> Any: ...
 
@@ -302,7 +304,7 @@ class GenerationResult:
 def generate(
     model: CausalLM,
     tokens: Sequence[int] | npt.NDArray[np.integer[Any]] | torch.Tensor,
-    client: KVClient,
+    client: KVClientLike,
     *,
     max_new_tokens: int,
     namespace: str = "default",
