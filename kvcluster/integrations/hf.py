@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import ValidationError
 
 from kvcluster.errors import (
     CapacityError,
@@ -132,13 +133,19 @@ def model_spec_from_hf(
         name = getattr(text_config, "name_or_path", "") or getattr(text_config, "model_type", "")
         if not name:
             raise InvalidArgument("the model config has no name_or_path or model_type; pass name=")
-    return ModelSpec(
-        name=name,
-        num_kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        dtype=_kv_dtype_name(dtype if dtype is not None else _config_dtype(text_config)),
-        **fields,
-    )
+    try:
+        return ModelSpec(
+            name=name,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            dtype=_kv_dtype_name(dtype if dtype is not None else _config_dtype(text_config)),
+            **fields,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidArgument(f"the model config gives no valid ModelSpec: {problems}") from None
 
 
 def _config_dtype(config: Any) -> torch.dtype | str:

@@ -126,6 +126,11 @@ def test_model_spec_from_hf_rejects_bad_configs() -> None:
         model_spec_from_hf(SimpleNamespace(**fields, kv_lora_rank=512), name="x")
     with pytest.raises(InvalidArgument, match="pass name="):
         model_spec_from_hf(SimpleNamespace(**fields))
+    # ...and what ModelSpec itself refuses comes back as InvalidArgument too.
+    with pytest.raises(InvalidArgument, match="dtype"):
+        model_spec_from_hf(SimpleNamespace(**fields), name="x", dtype="float64")
+    with pytest.raises(InvalidArgument, match="multiple of num_kv_heads"):
+        model_spec_from_hf(SimpleNamespace(**{**fields, "num_key_value_heads": 3}), name="x")
     with pytest.raises(InvalidArgument, match="float64"):
         model_spec_from_hf(transformers.LlamaConfig(), name="x", dtype=torch.float64)
 
