@@ -32,6 +32,20 @@ def run(args: list[str], env: dict[str, str], timeout: float = 180) -> subproces
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for_nodes(address: str, count: int, env: dict[str, str], timeout_s: float = 90) -> None:
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+        "print(sum(1 for n in ray.nodes() if n['Alive']))"
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = run([sys.executable, "-c", probe, address], env, timeout=60)
+        if result.returncode == 0 and result.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1)
+    raise AssertionError(f"{count} Ray nodes did not come up at {address}")
+
+
 @pytest.fixture(scope="module")
 def compose_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     port = free_port()
@@ -54,13 +68,14 @@ def compose_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFa
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )]
     try:
-        time.sleep(4)
-        for _ in range(2):
+        # Workers join one at a time: two raylets starting at once on one host can race.
+        for expected in (2, 3):
             processes.append(subprocess.Popen(
                 [ray, "start", f"--address={address}", *common],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True,
             ))
+            wait_for_nodes(address, expected, env)
         yield address, env
     finally:
         for process in processes:
