@@ -12,9 +12,8 @@ import ray
 
 from kvcluster.errors import RegistryUnavailable
 from routing.config import RegistryConfig
-from routing.memory_registry import InMemoryRegistry
-from routing.redis_registry import RedisPrefixRegistry
 from routing.registry import PrefixRegistry
+from routing.registry_factory import open_registry
 
 
 class RemoteRegistry:
@@ -104,13 +103,13 @@ def build_registry(
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> PrefixRegistry:
-    if config.backend == "redis":
-        return RedisPrefixRegistry(config, clock=clock)  # type: ignore[return-value]
-    if registry_actor is not None:
+    """A proxy to ``registry_actor`` when the embedded registry runs in a Ray actor;
+    otherwise the backend the config names (``routing.registry_factory.open_registry``)."""
+    if config.backend == "memory" and registry_actor is not None:
         return RemoteRegistry(  # type: ignore[return-value]
             registry_actor,
             config.index_stride_blocks,
             live_nodes_refresh_s=min(0.5, config.heartbeat_interval_s / 4),
             clock=clock,
         )
-    return InMemoryRegistry(config, clock=clock)
+    return open_registry(config, clock=clock)

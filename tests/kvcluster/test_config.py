@@ -60,3 +60,16 @@ def test_config_is_frozen() -> None:
     config = KVClusterConfig()
     with pytest.raises(Exception, match="frozen"):
         config.cache.block_size = 32  # type: ignore[misc]
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_default_yaml_lists_exactly_the_schema_defaults() -> None:
+    assert load_config(CONFIGS / "default.yaml", apply_env=False) == KVClusterConfig()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path, apply_env=False)
+    assert config.cache.block_size > 0
