@@ -118,8 +118,13 @@ class NvmeTierConfig(BaseModel):
     io_threads: int = Field(default=4, gt=0, le=64, description="Threads doing NVMe reads and writes.")
     fsync: bool = Field(
         default=True,
-        description="fdatasync each written batch before journaling it, so pages survive a power "
-        "loss as well as a crash (a killed process needs no fsync).",
+        description="Flush pages and journal to the device so they survive a power loss as well "
+        "as a crash (a killed process needs no flush).",
+    )
+    fsync_interval_s: float = Field(
+        default=0.05, ge=0, le=60,
+        description="0: flush every written batch before journaling it; > 0: group-commit in the "
+        "background at this interval (a power loss forgets at most this much, never corrupts).",
     )
     eviction_policy: Literal["lru", "lfu"] | None = Field(
         default=None, description="This tier's eviction order; None inherits tiers.eviction_policy."

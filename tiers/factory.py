@@ -156,6 +156,7 @@ def build_tiered_store(
                 NvmeTier(
                     config.nvme.paths, nvme_slots, page_bytes, o_direct=config.nvme.o_direct,
                     io_threads=config.nvme.io_threads, fsync=config.nvme.fsync,
+                    fsync_interval_s=config.nvme.fsync_interval_s,
                     file_stem=file_stem, recover=recover, clock=clock,
                 )
             )

@@ -261,6 +261,12 @@ class Journal:
         with self._lock:
             self._rewrite_locked(live())
 
+    def sync(self) -> None:
+        """fsync the journal (group commit when appends do not fsync themselves)."""
+        with self._lock:
+            if self._fd >= 0:
+                self._io.fsync(self._fd)
+
     @property
     def layout(self) -> JournalLayout:
         return self._layout

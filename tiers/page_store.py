@@ -256,6 +256,19 @@ class PageViews(Protocol):
 
 
 @runtime_checkable
+class PeekableTier(Protocol):
+    """Media whose slots can be copied without any check or lock (host memory).
+
+    ``peek_into`` copies whatever ``slot`` holds *now* into ``out`` and returns True, or
+    returns False when it cannot (``out`` not a contiguous host tensor). The bytes may be
+    those of a page being rewritten: only a caller that validates the copy afterwards (the
+    tiered store's slot generations) may use it.
+    """
+
+    def peek_into(self, slot: int, out: torch.Tensor) -> bool: ...
+
+
+@runtime_checkable
 class Recoverable(Protocol):
     """Media that survive a restart: the pages found again at open, as ``{tag: slot}``."""
 

@@ -125,6 +125,16 @@ class TensorPages:
         with self._copying(out):
             out.copy_(self._pages[slot], non_blocking=True)
 
+    def peek_into(self, slot: int, out: torch.Tensor) -> bool:
+        """See :class:`~tiers.page_store.PeekableTier`: an unchecked host-to-host copy."""
+        if self._flat is None or out.device.type != "cpu" or not out.is_contiguous():
+            return False
+        if not 0 <= slot < self.num_slots:
+            return False
+        start = slot * self.page_bytes
+        out.numpy().data[:] = self._flat[start : start + self.page_bytes]
+        return True
+
     # --- batches -----------------------------------------------------------------------------
 
     def page_views(self, slots: Sequence[int] | Slots) -> list[torch.Tensor]:

@@ -43,11 +43,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from kvcluster.errors import (
@@ -60,7 +61,7 @@ from kvcluster.errors import (
 )
 from tiers.eviction_order import EvictionOrder, make_order
 from tiers.migration_workers import MigrationWorkers
-from tiers.page_store import PageStore, Recoverable, TierStats, check_page, copy_pages
+from tiers.page_store import PageStore, PeekableTier, Recoverable, TierStats, check_page, copy_pages
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,18 @@ DiscardListener = Callable[[int], None]
 
 _KEY_LIMIT = 2**63
 _PRIORITY_PREFETCH, _PRIORITY_HIT, _PRIORITY_DEMOTE = 0, 1, 2
+_ACCESS_LOG_LIMIT = 4096
 
 
 @dataclass(slots=True)
 class _Entry:
-    """Where one key's page is. Mutated only under the store lock (``tier`` is read without)."""
+    """Where one key's page is. Mutated only under the store lock.
+
+    ``where`` is ``(tier, slot)`` as one tuple so that lock-free readers see a consistent pair.
+    """
 
     key: int
-    tier: int
-    slot: int
+    where: tuple[int, int]
     hits: int = 0
     pins: int = 0
     readers: int = 0
@@ -85,6 +89,14 @@ class _Entry:
     removed: bool = False
     # Old (tier, slot) places that a reader may still be copying from; freed at readers == 0.
     retired: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def tier(self) -> int:
+        return self.where[0]
+
+    @property
+    def slot(self) -> int:
+        return self.where[1]
 
 
 @dataclass(slots=True)
@@ -182,6 +194,10 @@ class TieredStore:
         self._lock = threading.Lock()
         self._moves_done = threading.Condition(self._lock)
         self._entries: dict[int, _Entry] = {}
+        # Per tier and slot, bumped whenever the store frees the slot (see _get_optimistic).
+        self._generations = [np.zeros(t.num_slots, dtype=np.int64) for t in tiers]
+        self._peekable = [isinstance(t, PeekableTier) for t in tiers]
+        self._accesses: deque[int] = deque()  # keys read without the lock, not yet applied
         self._reserved: set[int] = set()
         self._counters = [_Counters() for _ in tiers]
         self._draining = [False] * len(tiers)
@@ -209,7 +225,7 @@ class TieredStore:
                 if key in self._entries:
                     tier.free([slot])
                     continue
-                self._entries[key] = _Entry(key, index, slot)
+                self._entries[key] = _Entry(key, (index, slot))
                 self._orders[index].add(key, 0)
             if self._entries:
                 logger.info("tiered store: adopted %d recovered pages from %s", len(self._entries), tier.name)
@@ -293,11 +309,12 @@ class TieredStore:
         except BaseException:
             with self._lock:
                 self._reserved.discard(key)
-                self._tiers[tier].free([slot])
+                self._free_locked(tier, slot)
             raise
         with self._lock:
+            self._drain_accesses_locked()  # reads before this put rank before it
             self._reserved.discard(key)
-            self._entries[key] = _Entry(key, tier, slot)
+            self._entries[key] = _Entry(key, (tier, slot))
             self._orders[tier].add(key, 0)
             needs_rebalance = any(self._over_high(i) for i in range(len(self._tiers) - 1))
         if needs_rebalance:
@@ -326,10 +343,14 @@ class TieredStore:
         error (the page stays). A hit below the top tier queues a promotion."""
         if out is not None:
             check_page(out, self.page_bytes, "out")
+        copied = self._get_optimistic(key, out)
+        if copied is not None:
+            return copied
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 raise NotFound(f"key {key} is not stored")
+            self._drain_accesses_locked()
             entry.readers += 1
             entry.hits += 1
             tier, slot = entry.tier, entry.slot
@@ -351,6 +372,49 @@ class TieredStore:
             self._queue_hit_promotion(key)
         return out
 
+    def _get_optimistic(self, key: int, out: torch.Tensor | None) -> torch.Tensor | None:
+        """The lock-free read of a page in host memory (a seqlock on the slot's generation).
+
+        ``None`` when it does not apply (no such key, a tier that cannot be peeked, a hit that
+        should queue a promotion) or when the slot changed hands during the copy: the caller
+        then takes the locked path. A valid copy is one during which the entry stayed at the
+        slot and the slot was never freed: frees bump the generation first, and nobody else
+        can write a slot before allocating it again.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        tier, slot = entry.where
+        if slot < 0 or not self._peekable[tier]:
+            return None
+        if tier > 0 and self._promote_on_hit and entry.pins == 0:
+            return None
+        generation = int(self._generations[tier][slot])
+        if entry.removed or entry.where != (tier, slot):
+            return None
+        target = out if out is not None else torch.empty(self.page_bytes, dtype=torch.uint8)
+        peek: Callable[[int, torch.Tensor], bool] = self._tiers[tier].peek_into  # type: ignore[attr-defined]
+        if not peek(slot, target):
+            return None
+        if entry.removed or entry.where != (tier, slot) or self._generations[tier][slot] != generation:
+            return None
+        self._accesses.append(key)  # the eviction order learns of it at the next decision
+        if len(self._accesses) > _ACCESS_LOG_LIMIT and self._lock.acquire(blocking=False):
+            try:
+                self._drain_accesses_locked()
+            finally:
+                self._lock.release()
+        return target
+
+    def _drain_accesses_locked(self) -> None:
+        """Apply the reads recorded without the lock to hit counts and eviction orders."""
+        while self._accesses:
+            key = self._accesses.popleft()
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.hits += 1
+                self._orders[entry.tier].touch(key)
+
     def discard(self, key: int) -> bool:
         """Forget ``key`` and free its page; False if it was not stored. Raises InvalidArgument
         for a pinned key. Caller-initiated: not reported to ``on_discard``."""
@@ -365,6 +429,7 @@ class TieredStore:
             return True
 
     def _remove_locked(self, entry: _Entry) -> None:
+        self._drain_accesses_locked()
         del self._entries[entry.key]
         self._orders[entry.tier].remove(entry.key)
         entry.removed = True
@@ -375,11 +440,16 @@ class TieredStore:
         if entry.readers:
             return
         for tier, slot in entry.retired:
-            self._tiers[tier].free([slot])
+            self._free_locked(tier, slot)
         entry.retired.clear()
         if entry.removed and not entry.moving and entry.slot >= 0:
-            self._tiers[entry.tier].free([entry.slot])
-            entry.slot = -1
+            self._free_locked(entry.tier, entry.slot)
+            entry.where = (entry.tier, -1)
+
+    def _free_locked(self, tier: int, slot: int) -> None:
+        """Free a slot, first bumping its generation so optimistic readers notice."""
+        self._generations[tier][slot] += 1
+        self._tiers[tier].free([slot])
 
     def _drop_corrupt(self, entries: Sequence[_Entry]) -> None:
         dropped = []
@@ -425,6 +495,7 @@ class TieredStore:
         """Start promoting ``keys`` to the top tier (pinned ones too); resolves when done."""
         wanted = list(dict.fromkeys(keys))
         with self._lock:
+            self._drain_accesses_locked()
             for key in wanted:
                 entry = self._entries.get(key)
                 if entry is not None:
@@ -485,6 +556,7 @@ class TieredStore:
         found: list[_Entry] = []
         if n <= 0:
             return found
+        self._drain_accesses_locked()
         for key in self._orders[index].coldest():
             entry = self._entries[key]
             if (
@@ -557,6 +629,7 @@ class TieredStore:
         dropped: list[int] = []
         rolled_back: list[int] = []
         with self._lock:
+            self._drain_accesses_locked()
             demotion = plan.dst > plan.src
             self._leaving[plan.src] -= len(plan.entries)
             for entry, src_slot, dst_slot in zip(plan.entries, plan.src_slots, plan.dst_slots):
@@ -565,7 +638,7 @@ class TieredStore:
                     failed or src_slot in corrupt or entry.removed or (plan.yield_to_pins and entry.pins > 0)
                 )
                 if keep_source:
-                    self._tiers[plan.dst].free([dst_slot])
+                    self._free_locked(plan.dst, dst_slot)
                     if src_slot in corrupt and not entry.removed:
                         self._remove_locked(entry)
                         self._counters[plan.src].discards += 1
@@ -577,8 +650,7 @@ class TieredStore:
                 self._orders[plan.src].remove(entry.key)
                 self._orders[plan.dst].add(entry.key, entry.hits)
                 entry.retired.append((plan.src, src_slot))
-                entry.slot = dst_slot
-                entry.tier = plan.dst
+                entry.where = (plan.dst, dst_slot)
                 self._collect_locked(entry)
                 moved.append((entry.key, plan.src, plan.dst))
             if failed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -270,7 +271,8 @@ def test_a_failed_write_raises_and_leaves_nothing_readable(
     tmp_path: Path, opened: list[NvmeTier], code: int, operation: str
 ) -> None:
     faulty = FaultInjectingFileIO(PosixFileIO())
-    tier = _open(opened, tmp_path, "never", file_io=faulty)
+    # Strict durability: each batch is fdatasync'ed before its records are appended.
+    tier = _open(opened, tmp_path, "never", file_io=faulty, fsync_interval_s=0)
     kept, kept_pages = _write_tagged(tier, 1, seed=1)
     slots = tier.allocate(2)
     assert slots is not None
@@ -288,6 +290,24 @@ def test_a_failed_write_raises_and_leaves_nothing_readable(
     tier.close()
     recovered = _open(opened, tmp_path, "never").recovered_pages()
     assert recovered == {1000: kept[0], 5: int(slots[0]), 6: int(slots[1])}
+
+
+def test_group_commit_flushes_in_the_background_and_retries_a_failed_flush(
+    tmp_path: Path, opened: list[NvmeTier]
+) -> None:
+    faulty = FaultInjectingFileIO(PosixFileIO())
+    tier = _open(opened, tmp_path, "never", file_io=faulty, fsync_interval_s=0.01)
+    faulty.fail("fdatasync", errno.EIO, times=2)
+    slots, pages = _write_tagged(tier, 2)  # the write itself does not wait for the device
+    deadline = time.monotonic() + 10
+    while faulty.injected < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert faulty.injected == 2
+    tier.flush()  # succeeds now; the failed flushes were counted, not raised
+    assert tier.stats().io_errors == 2
+    assert torch.equal(tier.read(slots[1]), pages[1])
+    tier.close()
+    assert _open(opened, tmp_path, "never").recovered_pages() == {1000: slots[0], 1001: slots[1]}
 
 
 def test_a_failed_journal_append_is_not_recovered(tmp_path: Path, opened: list[NvmeTier]) -> None:

@@ -549,3 +549,83 @@ def test_close_joins_the_workers_and_is_idempotent(recorder: Recorder) -> None:
         store.put(9, random_pages(1, P, 0)[0])
     with pytest.raises(InvalidArgument, match="closed"):
         store.prefetch([0])
+
+
+# --- lock-free reads --------------------------------------------------------------------------
+
+
+class HookedHost(HostTier):
+    """A host tier that runs ``hook`` in the middle of a lock-free read (a racing writer)."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.hook: object = None
+        self.peeks = 0
+
+    def peek_into(self, slot: int, out: torch.Tensor) -> bool:
+        self.peeks += 1
+        hook, self.hook = self.hook, None
+        if callable(hook):
+            hook()
+        return super().peek_into(slot, out)
+
+
+def _hooked_store(stores: list[TieredStore], recorder: Recorder) -> tuple[TieredStore, HookedHost]:
+    top = HookedHost(4, P, name="gpu")
+    store = _store(
+        stores, recorder, tiers=[top, HostTier(8, P)], high_watermark=1.0, low_watermark=1.0,
+        promote_on_hit=False,
+    )
+    return store, top
+
+
+def test_a_top_tier_read_takes_no_lock(stores: list[TieredStore], recorder: Recorder) -> None:
+    store, top = _hooked_store(stores, recorder)
+    pages = _fill(store, range(2))
+    with store._lock:  # a writer holds the store lock: the read still completes
+        done: list[bool] = []
+        reader = threading.Thread(target=lambda: done.append(torch.equal(store.get(1), pages[1])))
+        reader.start()
+        reader.join(timeout=10)
+        assert done == [True]
+    assert top.peeks == 1
+
+
+def test_a_slot_reused_during_a_lock_free_read_is_not_returned(
+    stores: list[TieredStore], recorder: Recorder
+) -> None:
+    store, top = _hooked_store(stores, recorder)
+    pages = _fill(store, range(2))
+
+    def reuse_the_slot() -> None:  # key 1 goes away and key 9 takes its slot
+        store.discard(1)
+        store.put(9, random_pages(1, P, 9)[0])
+
+    top.hook = reuse_the_slot
+    with pytest.raises(NotFound):
+        store.get(1)
+    assert torch.equal(store.get(9), random_pages(1, P, 9)[0])
+    assert torch.equal(store.get(0), pages[0])
+
+
+def test_a_page_moved_during_a_lock_free_read_is_read_again(stores: list[TieredStore], recorder: Recorder) -> None:
+    store, top = _hooked_store(stores, recorder)
+    pages = _fill(store, range(2))
+
+    def move_and_overwrite() -> None:  # key 1 leaves; its old slot gets another page
+        assert store.demote([1]).result(10).moved == (1,)
+        store.put(5, random_pages(1, P, 5)[0])
+
+    top.hook = move_and_overwrite
+    assert torch.equal(store.get(1), pages[1])
+    assert store.location(1) == "cpu"
+
+
+def test_lock_free_reads_still_count_for_the_eviction_order(stores: list[TieredStore], recorder: Recorder) -> None:
+    store = _store(stores, recorder, sizes=(4, 8), high_watermark=0.75, low_watermark=0.5)
+    _fill(store, range(3))
+    store.get(0)
+    store.get(1)  # LRU order now 2, 0, 1
+    store.put(3, random_pages(1, P, 3)[0])  # 4 > 3: demote the two coldest
+    assert store.wait_idle(10)
+    assert _in(store, "cpu", range(4)) == {2, 0}
