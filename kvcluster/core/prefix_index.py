@@ -140,6 +140,7 @@ class PrefixIndex:
         # Per block: references held by tree nodes, and pinned nodes covering it.
         self._tree_refs = np.zeros(pool.num_blocks, dtype=np.int32)
         self._pin_refs = np.zeros(pool.num_blocks, dtype=np.int32)
+        self._scratch = np.empty(pool.num_blocks, dtype=np.int64)  # for _distinct
         self._blocks_used = 0
         self._pinned_blocks = 0
         self._leases: dict[int, Lease] = {}
@@ -411,6 +412,15 @@ class PrefixIndex:
         self._check_allocated(table)
         return self._insert_validated(sizes, array.tobytes(), table.tobytes(), namespace)
 
+    def _distinct(self, ids: Int64Array) -> bool:
+        """Whether no block id repeats: scatter positions into a scratch array and read them
+        back (two O(n) passes; ``np.unique`` would sort)."""
+        if ids.size <= 32:
+            return len(set(ids.tolist())) == ids.size
+        positions = np.arange(ids.size, dtype=np.int64)
+        self._scratch[ids] = positions
+        return bool(np.array_equal(self._scratch[ids], positions))
+
     def _check_allocated(self, block_ids: Int64Array) -> None:
         if block_ids.size:
             free = self._pool.ref_counts_view()[block_ids] <= 0
@@ -446,9 +456,13 @@ class PrefixIndex:
         new_bytes = splits = skipped = 0
         shortest = self._min_prefix * ID_BYTES
         next_id = self._next_node_id
-        size_array = np.asarray(sizes, dtype=np.int64)
-        bounds = [0, *np.cumsum(size_array * ID_BYTES).tolist()]
-        block_bounds = [0, *np.cumsum(-(-size_array // bs) * ID_BYTES).tolist()]
+        if len(sizes) == 1:
+            bounds = [0, sizes[0] * ID_BYTES]
+            block_bounds = [0, -(-sizes[0] // bs) * ID_BYTES]
+        else:
+            size_array = np.asarray(sizes, dtype=np.int64)
+            bounds = [0, *np.cumsum(size_array * ID_BYTES).tolist()]
+            block_bounds = [0, *np.cumsum(-(-size_array // bs) * ID_BYTES).tolist()]
         for start, end, block_start, block_end in zip(bounds, bounds[1:], block_bounds, block_bounds[1:]):
             if end - start < shortest:
                 skipped += 1
@@ -526,7 +540,7 @@ class PrefixIndex:
                         f"block(s) {bad[:8]} already hold cached tokens; a sequence extending a "
                         "cached prefix must copy its shared partial block before writing"
                     )
-            if problem is None and new_ids.size > 1 and np.unique(new_ids).size != new_ids.size:
+            if problem is None and new_ids.size > 1 and not self._distinct(new_ids):
                 problem = "two items of the batch claim the same block for different tokens"
         if problem is not None:
             for node in marked:
@@ -630,17 +644,19 @@ class PrefixIndex:
         now = self._clock()
         freed = 0
         skips_left = len(policy)
+        pending: list[Int64Array] = []  # dropped references, released to the pool in one call
         while freed < num_blocks:
             node = policy.victim(now)
             if node is None:
                 break
-            if self._evictable(node):
-                freed += self._drop(node, reason)
+            if self._evictable(node, pending):
+                freed += self._drop(node, reason, pending)
             elif skips_left:
                 skips_left -= 1
                 policy.touch_path(node, now)
             else:
                 break
+        self._release(pending)
         return freed
 
     def evict_expired(self) -> int:
@@ -655,17 +671,19 @@ class PrefixIndex:
         now = self._clock()
         freed = 0
         skips_left = len(policy)
+        pending: list[Int64Array] = []
         while True:
             node = policy.oldest()
             if node is None or not policy.is_expired(node, now):
                 break
-            if self._evictable(node):
-                freed += self._drop(node, "ttl")
+            if self._evictable(node, pending):
+                freed += self._drop(node, "ttl", pending)
             elif skips_left:
                 skips_left -= 1
                 policy.touch_path(node, now)
             else:
                 break
+        self._release(pending)
         return freed
 
     def enforce_memory_budget(self) -> int:
@@ -732,31 +750,49 @@ class PrefixIndex:
         del self._roots[namespace]
         return freed
 
-    def _evictable(self, node: RadixNode) -> bool:
+    def _evictable(self, node: RadixNode, pending: list[Int64Array]) -> bool:
+        """Whether ``node`` is an unpinned leaf whose blocks only the tree references.
+
+        References dropped by this eviction round but not yet released (``pending``) make a
+        block look used; on a negative answer they are released and the node checked again.
+        (A positive answer is never wrong: the pool's count only exceeds the true one.)
+        """
         if node.children or node.pin_count:
             return False
         own = node.own_blocks(self._bs)
+        if np.array_equal(self._pool.ref_counts_view()[own], self._tree_refs[own]):
+            return True
+        if not pending:
+            return False
+        self._release(pending)
         return bool(np.array_equal(self._pool.ref_counts_view()[own], self._tree_refs[own]))
 
-    def _drop(self, node: RadixNode, reason: EvictionReason) -> int:
-        """Remove leaf ``node`` from the tree and drop its references; return blocks freed."""
+    def _release(self, pending: list[Int64Array]) -> None:
+        if pending:
+            self._pool.decref(np.concatenate(pending) if len(pending) > 1 else pending[0])
+            pending.clear()
+
+    def _drop(self, node: RadixNode, reason: EvictionReason, pending: list[Int64Array] | None = None) -> int:
+        """Remove leaf ``node`` from the tree and drop its references; return the blocks this
+        frees. With ``pending``, the pool references are appended there for the caller to
+        release (only valid right after a positive ``_evictable``), else released at once."""
         assert not node.children, f"{node} still has children"
         bs = self._bs
         low, high = node.own_block_range(bs)
         own = ids_from_bytes(node.path_blocks[low * ID_BYTES : high * ID_BYTES])
         tree = self._tree_refs
         last_ref = tree[own] == 1
-        if self._on_evict is not None:
-            sole = last_ref & (self._pool.ref_counts_view()[own] == 1)
-            if sole.any():
-                prefix = node.path_tokens()
-                for i in np.flatnonzero(sole).tolist():
-                    index = low + i
-                    self._on_evict(
-                        EvictedBlock(
-                            node.namespace, int(own[i]), index, index * bs, min((index + 1) * bs, node.end), reason, prefix
-                        )
+        sole = last_ref & (self._pool.ref_counts_view()[own] == 1)
+        freed = int(np.count_nonzero(sole))
+        if self._on_evict is not None and freed:
+            prefix = node.path_tokens()
+            for i in np.flatnonzero(sole).tolist():
+                index = low + i
+                self._on_evict(
+                    EvictedBlock(
+                        node.namespace, int(own[i]), index, index * bs, min((index + 1) * bs, node.end), reason, prefix
                     )
+                )
         tree[own] -= 1
         self._blocks_used -= int(np.count_nonzero(last_ref))
         if node.pin_count:  # only explicit removal (clear_namespace) drops pinned nodes
@@ -764,7 +800,11 @@ class PrefixIndex:
             self._pinned_blocks -= int(np.count_nonzero(self._pin_refs[own] == 0))
         else:
             self._policy.untrack(node)
-        freed = self._pool.decref(own).size
+        if pending is None:
+            released = self._pool.decref(own).size
+            assert released == freed, f"{node}: freed {released} blocks, expected {freed}"
+        else:
+            pending.append(own)
         parent = node.parent
         assert parent is not None
         del parent.children[node.key[:ID_BYTES]]

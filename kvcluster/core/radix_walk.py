@@ -136,3 +136,4 @@ def packed_bounds(offsets: Any, total: int) -> tuple[list[int], list[int]]:
 def block_at(path_blocks: bytes, index: int) -> int:
     """Block id number ``index`` of a node's ``path_blocks``."""
     return int.from_bytes(path_blocks[index * ID_BYTES : (index + 1) * ID_BYTES], sys.byteorder, signed=True)
+
