@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from routing.router import RouteDecision, Router
 
 from kvcluster.config import KVClusterConfig
 from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable
@@ -36,8 +35,10 @@ from kvcluster.kv_payload import KVPayload
 from kvcluster.migration import MigrationDecision, MigrationPlanner
 from kvcluster.node_handles import NodeHandle
 from kvcluster.node_types import LookupReply, StoreReply
+from kvcluster.token_wire import tokens_to_wire
 from routing.block_hashing import BlockHasher
 from routing.registry import PrefixRegistry
+from routing.router import RouteDecision, Router
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class KVClient:
             migration = self._maybe_migrate(token_ids, namespace, decision)
             handle = self._nodes[decision.node_id]
             try:
-                reply: LookupReply = handle.call("lookup", token_ids, namespace)
+                reply: LookupReply = handle.call("lookup", tokens_to_wire(token_ids), namespace)
             except NodeUnavailable:
                 excluded.add(decision.node_id)
                 logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
@@ -189,8 +190,9 @@ class KVClient:
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         start = time.perf_counter()
         src, dst = self._nodes[source], self._nodes[target]
-        pending = src.submit("export_prefix", token_ids, namespace)
-        reply: StoreReply = dst.call("import_prefix", token_ids, pending, namespace)
+        wire = tokens_to_wire(token_ids)
+        pending = src.submit("export_prefix", wire, namespace)
+        reply: StoreReply = dst.call("import_prefix", wire, pending, namespace)
         elapsed = time.perf_counter() - start
         self._planner.record_transfer(reply.new_tokens * self._spec.bytes_per_token, elapsed)
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
@@ -239,7 +241,9 @@ class KVClient:
         if node is None:
             node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
         payload = KVPayload.from_tensor(kv)
-        reply: StoreReply = self._nodes[node].call("store", token_ids, payload, namespace, lease_id)
+        reply: StoreReply = self._nodes[node].call(
+            "store", tokens_to_wire(token_ids), payload, namespace, lease_id
+        )
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
 
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
@@ -276,7 +280,9 @@ class KVClient:
     async def aroute_and_lookup(self, tokens: Any, namespace: str = "default") -> RouteResult:
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         decision = self._router.route(token_ids, namespace, candidates=self._candidates(set()))
-        reply: LookupReply = await self._nodes[decision.node_id].acall("lookup", token_ids, namespace)
+        reply: LookupReply = await self._nodes[decision.node_id].acall(
+            "lookup", tokens_to_wire(token_ids), namespace
+        )
         return RouteResult(reply.node_id, namespace, token_ids, reply.matched_tokens,
                            reply.blocks_per_tier, reply.lease_id, decision.reason)
 

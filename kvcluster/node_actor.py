@@ -3,6 +3,7 @@
 Ray needs the remote methods spelled out on the class, so each one forwards to the
 instrumented :class:`NodeEngine`. All state lives in the engine; this class only wires the
 registry client, the metrics exporter and the engine together.
+Prompts arrive in the wire format of :mod:`kvcluster.token_wire`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kvcluster.metrics import InstrumentedNode, NodeMetrics
 from kvcluster.node_engine import NodeEngine
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply
 from kvcluster.registry_factory import build_registry
+from kvcluster.token_wire import tokens_from_wire
 from routing.registry import NodeLoad, PrefixRegistry
 
 
@@ -59,23 +61,23 @@ class NodeActor:
         return self._engine.load()
 
     def lookup(self, tokens: Any, namespace: str = "default") -> LookupReply:
-        return self._node.lookup(tokens, namespace)
+        return self._node.lookup(tokens_from_wire(tokens), namespace)
 
     def fetch(self, lease_id: str, namespace: str | None = None) -> KVPayload:
         return self._engine.fetch(lease_id, namespace)
 
     def store(self, tokens: Any, payload: KVPayload | None, namespace: str = "default",
               lease_id: str | None = None) -> StoreReply:
-        return self._node.store(tokens, payload, namespace, lease_id)
+        return self._node.store(tokens_from_wire(tokens), payload, namespace, lease_id)
 
     def release(self, lease_id: str) -> bool:
         return self._engine.release(lease_id)
 
     def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPayload | None:
-        return self._node.export_prefix(tokens, namespace)
+        return self._node.export_prefix(tokens_from_wire(tokens), namespace)
 
     def import_prefix(self, tokens: Any, payload: KVPayload | None, namespace: str = "default") -> StoreReply:
-        return self._node.import_prefix(tokens, payload, namespace)
+        return self._node.import_prefix(tokens_from_wire(tokens), payload, namespace)
 
     def stats(self) -> NodeStats:
         return self._engine.stats()

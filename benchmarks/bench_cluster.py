@@ -1,0 +1,205 @@
+"""Benchmark of the cluster layer on a local 3-node Ray cluster with a Redis registry.
+
+    .venv/bin/python -m benchmarks.bench_cluster [--quick]
+
+Every figure has a same-run baseline beside it:
+
+- ``route_and_lookup`` p50/p99 for a 1K- and a 32K-token fully cached prompt, against a bare
+  Ray actor ping plus a Redis PING measured in the same run (the floor of one registry round
+  trip plus one actor call). Target: p50 <= 1.5x that sum.
+- node-to-node migration bandwidth (``client.migrate_prefix`` of a 32K-token prefix, source
+  pages pulled straight to the target through the object store, registered on arrival)
+  against a raw cross-node transfer of the same bytes (an actor on the source node returns a
+  numpy array of that size, an actor on the target node ``ray.get``s it). Target >= 70%.
+- requests/s with 128 client threads doing route / fetch / store (against one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import redis
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from kvcluster.client import KVClient
+from kvcluster.config import KVClusterConfig
+from kvcluster.deploy import alive_ray_nodes
+from kvcluster.local_cluster import local_cluster
+from kvcluster.synthetic_kv import SyntheticKV
+from tests.cluster.conftest import RedisServer, free_port
+
+Row = dict[str, Any]
+
+
+@ray.remote(num_cpus=0)
+class _Peer:
+    """A bare actor: the ping baseline, and the two ends of the raw transfer baseline."""
+
+    def ping(self) -> int:
+        return 1
+
+    def make(self, nbytes: int) -> np.ndarray:
+        return np.ones(nbytes, dtype=np.uint8)
+
+    def take(self, refs: list[Any]) -> int:
+        return int(ray.get(refs[0]).nbytes)
+
+
+def _pinned_peer(ray_node_id: str) -> Any:
+    return _Peer.options(  # type: ignore[attr-defined]
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray_node_id, soft=False)
+    ).remote()
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.asarray(samples) * 1e6, [50, 99])
+    return float(p50), float(p99)
+
+
+def bench_route(client: KVClient, config: KVClusterConfig, redis_url: str, iterations: int) -> list[Row]:
+    kv_model = SyntheticKV(config.model)
+    peer = _pinned_peer(alive_ray_nodes()[0]["NodeID"])
+    ray.get(peer.ping.remote())
+    redis_client = redis.Redis.from_url(redis_url)
+    ping_actor, ping_redis = [], []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        ray.get(peer.ping.remote())
+        ping_actor.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        redis_client.ping()
+        ping_redis.append(time.perf_counter() - start)
+    floor = _percentiles(ping_actor)[0] + _percentiles(ping_redis)[0]
+    rows = []
+    rng = np.random.default_rng(0)
+    for length in (1024, 32768):
+        prompt = rng.integers(0, config.model.vocab_size, length)
+        client.store(prompt, kv_model.kv(prompt))
+        samples = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            result = client.route_and_lookup(prompt)
+            samples.append(time.perf_counter() - start)
+            assert result.matched_tokens == length
+            client.release(result)
+        p50, p99 = _percentiles(samples)
+        rows.append({"name": f"route_and_lookup {length // 1024}K tokens p50", "value": p50, "unit": "us",
+                     "baseline": "actor ping + Redis PING p50", "baseline_value": floor,
+                     "target": "<= 1.5x baseline", "met": p50 <= 1.5 * floor})
+        rows.append({"name": f"route_and_lookup {length // 1024}K tokens p99", "value": p99, "unit": "us",
+                     "baseline": "actor ping + Redis PING p50", "baseline_value": floor,
+                     "target": "-", "met": None})
+    return rows
+
+
+def bench_migration(client: KVClient, config: KVClusterConfig, repeats: int) -> list[Row]:
+    kv_model = SyntheticKV(config.model, seed=1)
+    source, target = client.nodes[0], client.nodes[1]
+    nodes = {n["NodeID"][:12]: n["NodeID"] for n in alive_ray_nodes()}
+    src_peer = _pinned_peer(nodes[source.removeprefix("node-")])
+    dst_peer = _pinned_peer(nodes[target.removeprefix("node-")])
+    rng = np.random.default_rng(1)
+    migrated, raw = [], []
+    nbytes = 0
+    for i in range(repeats):
+        prompt = rng.integers(0, config.model.vocab_size, 32768)
+        kv = kv_model.kv(prompt)
+        nbytes = kv.numel() * kv.element_size()
+        client.store(prompt, kv, node=source)
+        start = time.perf_counter()
+        moved = client.migrate_prefix(prompt, "default", source=source, target=target)
+        migrated.append(time.perf_counter() - start)
+        assert moved.new_tokens == 32768, moved
+        ref = src_peer.make.remote(nbytes)
+        start = time.perf_counter()
+        ray.get(dst_peer.take.remote([ref]))
+        raw.append(time.perf_counter() - start)
+        del i
+    gbps = nbytes / float(np.median(migrated)) / 1e9
+    raw_gbps = nbytes / float(np.median(raw)) / 1e9
+    return [{"name": f"migration node->node ({nbytes / 2**20:.0f} MiB prefix)", "value": gbps,
+             "unit": "GB/s", "baseline": "raw cross-node Ray object transfer", "baseline_value": raw_gbps,
+             "target": ">= 70% of baseline", "met": gbps >= 0.7 * raw_gbps}]
+
+
+def bench_throughput(client: KVClient, config: KVClusterConfig, seconds: float) -> list[Row]:
+    kv_model = SyntheticKV(config.model, seed=2)
+    rng = np.random.default_rng(2)
+    shared = [rng.integers(0, config.model.vocab_size, 256) for _ in range(8)]
+
+    errors: list[BaseException] = []
+
+    def drive(threads: int) -> float:
+        done = [0] * threads
+        deadline = time.monotonic() + seconds
+
+        def worker(index: int) -> None:
+            local = np.random.default_rng(index)
+            try:
+                while time.monotonic() < deadline:
+                    prompt = np.concatenate([shared[index % 8], local.integers(0, 32000, 32)])
+                    with client.lookup(prompt) as result:
+                        client.fetch(result)
+                        kv = kv_model.kv(prompt)[:, :, result.matched_tokens :]
+                        client.store(prompt, kv, result=result)
+                    done[index] += 1
+            except Exception as exc:  # counted and reported in the row
+                errors.append(exc)
+
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        return sum(done) / seconds
+
+    # 128 threads each running torch ops would oversubscribe 2 cores with intra-op threads.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = drive(1)
+        many = drive(128)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return [{"name": "requests/s, 128 client threads (route+fetch+store)", "value": many, "unit": "req/s",
+             "baseline": "1 client thread", "baseline_value": single,
+             "target": f"zero errors ({len(errors)} seen)", "met": not errors}]
+
+
+def run(quick: bool = False) -> list[Row]:
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        config = KVClusterConfig.from_dict({
+            "cache": {"num_blocks": 8192, "max_context": 32768},
+            "tiers": {"cpu": {"capacity": "64MiB"}},
+            "registry": {"backend": "redis", "url": server.url},
+            "cluster": {"ray_namespace": "kvc-bench", "actor_max_concurrency": 32},
+        })
+        with local_cluster(config) as client:
+            rows = bench_route(client, config, server.url, 50 if quick else 300)
+            rows += bench_migration(client, config, 2 if quick else 5)
+            rows += bench_throughput(client, config, 5 if quick else 20)
+        return rows
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for row in run(args.quick):
+        met = "-" if row["met"] is None else ("yes" if row["met"] else "NO")
+        print(f"{row['name']:<55} {row['value']:>10.2f} {row['unit']:<6} | {row['baseline']}: "
+              f"{row['baseline_value']:.2f}  | {row['target']} {met}")
+
+
+if __name__ == "__main__":
+    main()
