@@ -23,16 +23,21 @@ Pins
     pinned meanwhile is rolled back instead of committed.
 
 Locking contract
-    * ``_lock`` guards all metadata (entries, per-tier orders, counters, the work queue flags).
+    * ``_lock`` guards all metadata (entries, per-tier orders, counters, the work queue flags,
+      slot generations).
       It is held only for O(batch) bookkeeping, never during a page copy, disk I/O or a
       listener call. Tier ``allocate``/``free`` are in-memory and may be called under it (lock
       order: store, then tier).
     * ``location``, ``contains`` and ``len`` take no lock at all (one dict lookup and one
       attribute read, atomic under the GIL), so a lookup never waits on a demotion.
-    * ``get`` takes ``_lock`` twice, briefly, to register and release itself as a reader of the
-      page's current slot; the copy runs unlocked. A slot that a move or discard retires while
-      it has readers is freed only when the last reader leaves, so ``get`` never sees a
-      reused slot. ``get`` of a top-tier page never waits for any copy or I/O.
+    * ``get`` of a page in host memory (the top tier, or any host tier when no promotion is
+      due) takes no lock either: it copies the slot and then checks that the slot's
+      generation, bumped by every free, did not change (a seqlock), so it never returns bytes
+      of a reused slot; the access reaches the eviction order through a lock-free log drained
+      at the next locked decision. Otherwise ``get`` takes ``_lock`` twice, briefly, to
+      register and release itself as a reader of the slot; the copy runs unlocked, and a slot
+      that a move or discard retires while it has readers is freed only when the last leaves.
+      Either way ``get`` never waits for another page's copy or I/O.
     * Listeners run on the thread that caused the event (a worker or the caller of ``put``)
       with no store lock held; they may call back into the store. A listener that raises is
       logged and does not stop the store.
@@ -46,7 +51,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -62,6 +67,7 @@ from kvcluster.errors import (
 from tiers.eviction_order import EvictionOrder, make_order
 from tiers.migration_workers import MigrationWorkers
 from tiers.page_store import PageStore, PeekableTier, Recoverable, TierStats, check_page, copy_pages
+from tiers.store_records import MoveCounters, MovePlan, MoveResult, StoreEntry
 
 logger = logging.getLogger(__name__)
 
@@ -71,72 +77,6 @@ DiscardListener = Callable[[int], None]
 _KEY_LIMIT = 2**63
 _PRIORITY_PREFETCH, _PRIORITY_HIT, _PRIORITY_DEMOTE = 0, 1, 2
 _ACCESS_LOG_LIMIT = 4096
-
-
-@dataclass(slots=True)
-class _Entry:
-    """Where one key's page is. Mutated only under the store lock.
-
-    ``where`` is ``(tier, slot)`` as one tuple so that lock-free readers see a consistent pair.
-    """
-
-    key: int
-    where: tuple[int, int]
-    hits: int = 0
-    pins: int = 0
-    readers: int = 0
-    moving: bool = False
-    removed: bool = False
-    # Old (tier, slot) places that a reader may still be copying from; freed at readers == 0.
-    retired: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def tier(self) -> int:
-        return self.where[0]
-
-    @property
-    def slot(self) -> int:
-        return self.where[1]
-
-
-@dataclass(slots=True)
-class _Counters:
-    demotions: int = 0
-    promotions: int = 0
-    discards: int = 0
-    bytes_moved: int = 0
-    move_seconds: float = 0.0
-
-
-@dataclass(slots=True, frozen=True)
-class MoveResult:
-    """What a ``prefetch`` or ``demote`` request did, key by key.
-
-    ``moved``: now in the target tier because of this request; ``already``: nothing to do;
-    ``missing``: unknown or discarded keys; ``skipped``: pinned (demote), bottom tier (demote)
-    or no room; ``failed``: an I/O error (the page stayed) or a checksum failure (the page was
-    dropped and reported to ``on_discard``).
-    """
-
-    moved: tuple[int, ...] = ()
-    already: tuple[int, ...] = ()
-    missing: tuple[int, ...] = ()
-    skipped: tuple[int, ...] = ()
-    failed: tuple[int, ...] = ()
-
-
-@dataclass(slots=True)
-class _Plan:
-    """A batch move prepared under the lock: ``keys`` from ``src`` slots to ``dst`` slots."""
-
-    src: int
-    dst: int
-    entries: list[_Entry]
-    src_slots: list[int]
-    dst_slots: list[int]
-    # Roll back (rather than commit) pages that got pinned during the copy: every move except
-    # an explicit prefetch.
-    yield_to_pins: bool = True
 
 
 class TieredStore:
@@ -193,13 +133,13 @@ class TieredStore:
 
         self._lock = threading.Lock()
         self._moves_done = threading.Condition(self._lock)
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[int, StoreEntry] = {}
         # Per tier and slot, bumped whenever the store frees the slot (see _get_optimistic).
         self._generations = [np.zeros(t.num_slots, dtype=np.int64) for t in tiers]
         self._peekable = [isinstance(t, PeekableTier) for t in tiers]
         self._accesses: deque[int] = deque()  # keys read without the lock, not yet applied
         self._reserved: set[int] = set()
-        self._counters = [_Counters() for _ in tiers]
+        self._counters = [MoveCounters() for _ in tiers]
         self._draining = [False] * len(tiers)
         # Pages being copied out of each tier: their source slots still count as used until
         # the commit, but a watermark pass must not pick replacements for them again.
@@ -225,7 +165,7 @@ class TieredStore:
                 if key in self._entries:
                     tier.free([slot])
                     continue
-                self._entries[key] = _Entry(key, (index, slot))
+                self._entries[key] = StoreEntry(key, (index, slot))
                 self._orders[index].add(key, 0)
             if self._entries:
                 logger.info("tiered store: adopted %d recovered pages from %s", len(self._entries), tier.name)
@@ -314,7 +254,7 @@ class TieredStore:
         with self._lock:
             self._drain_accesses_locked()  # reads before this put rank before it
             self._reserved.discard(key)
-            self._entries[key] = _Entry(key, (tier, slot))
+            self._entries[key] = StoreEntry(key, (tier, slot))
             self._orders[tier].add(key, 0)
             needs_rebalance = any(self._over_high(i) for i in range(len(self._tiers) - 1))
         if needs_rebalance:
@@ -428,14 +368,14 @@ class TieredStore:
             self._counters[entry.tier].discards += 1
             return True
 
-    def _remove_locked(self, entry: _Entry) -> None:
+    def _remove_locked(self, entry: StoreEntry) -> None:
         self._drain_accesses_locked()
         del self._entries[entry.key]
         self._orders[entry.tier].remove(entry.key)
         entry.removed = True
         self._collect_locked(entry)
 
-    def _collect_locked(self, entry: _Entry) -> None:
+    def _collect_locked(self, entry: StoreEntry) -> None:
         """Free what no reader and no move needs any more."""
         if entry.readers:
             return
@@ -451,7 +391,7 @@ class TieredStore:
         self._generations[tier][slot] += 1
         self._tiers[tier].free([slot])
 
-    def _drop_corrupt(self, entries: Sequence[_Entry]) -> None:
+    def _drop_corrupt(self, entries: Sequence[StoreEntry]) -> None:
         dropped = []
         with self._lock:
             for entry in entries:
@@ -550,10 +490,10 @@ class TieredStore:
 
     def _coldest_locked(
         self, index: int, n: int, exclude: frozenset[int] = frozenset(), unread: bool = False
-    ) -> list[_Entry]:
+    ) -> list[StoreEntry]:
         """Up to ``n`` coldest pages of tier ``index`` that may leave it (unpinned, not moving;
         with ``unread`` also without readers, so their slot is free at once)."""
-        found: list[_Entry] = []
+        found: list[StoreEntry] = []
         if n <= 0:
             return found
         self._drain_accesses_locked()
@@ -580,7 +520,7 @@ class TieredStore:
             logger.debug("tier %s full: discarded %d pages", self._names[index], len(victims))
         return [e.key for e in victims]
 
-    def _plan_locked(self, entries: list[_Entry], dst: int, discarded: list[int]) -> _Plan | None:
+    def _plan_locked(self, entries: list[StoreEntry], dst: int, discarded: list[int]) -> MovePlan | None:
         """Reserve slots in ``dst`` for as many of ``entries`` (one source tier) as fit.
 
         When ``dst`` is the bottom tier and full, its coldest pages are discarded to make
@@ -602,11 +542,11 @@ class TieredStore:
         for entry in entries:
             entry.moving = True
         self._leaving[entries[0].tier] += len(entries)
-        return _Plan(entries[0].tier, dst, entries, [e.slot for e in entries], [int(s) for s in slots])
+        return MovePlan(entries[0].tier, dst, entries, [e.slot for e in entries], [int(s) for s in slots])
 
     # --- moves -------------------------------------------------------------------------------
 
-    def _execute(self, plan: _Plan) -> tuple[list[int], list[int], list[int]]:
+    def _execute(self, plan: MovePlan) -> tuple[list[int], list[int], list[int]]:
         """Copy, then commit or roll back. Returns (moved keys, failed keys, rolled back keys)."""
         started = self._clock()
         corrupt: set[int] = set()
@@ -785,7 +725,7 @@ class TieredStore:
         """Plan and run one demotion batch for the lowest tier that is draining; requeue if
         more remains so several workers drain in parallel."""
         discarded: list[int] = []
-        plan: _Plan | None = None
+        plan: MovePlan | None = None
         with self._lock:
             self._rebalance_queued = False
             # A tier whose lower neighbour is full marks that neighbour draining; one more
@@ -803,7 +743,7 @@ class TieredStore:
         if plan is not None:
             self._execute(plan)
 
-    def _plan_rebalance_locked(self, discarded: list[int]) -> _Plan | None:
+    def _plan_rebalance_locked(self, discarded: list[int]) -> MovePlan | None:
         for index in range(len(self._tiers) - 2, -1, -1):
             tier = self._tiers[index]
             if self._over_high(index):
