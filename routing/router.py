@@ -346,9 +346,12 @@ class Router:
     def _least_loaded_on_ring(
         self, key: int, live: Iterable[str], eligible: Container[str], inflight: dict[str, int]
     ) -> str:
-        """The least loaded of the first ``fallback_choices`` eligible nodes in the ring order
-        of ``key`` (ties: ring order), so a new prefix has a home of its own, yet one busy
-        node does not take every new prefix that hashes to it."""
+        """The first eligible node in the ring order of ``key`` (the prefix's home), unless it
+        is clearly busier than the least loaded of the first ``fallback_choices``: then that
+        one. "Clearly" (at least twice the load, plus two requests) keeps the choice sticky
+        while loads are similar, so the same prefix keeps landing on the same node (its later
+        requests find what the first one stored, even before the registry indexes it), yet
+        one busy node does not take every new prefix that hashes to it."""
         choices = []
         for node in self._ring_for(live).walk(key):
             if node in eligible:
@@ -356,7 +359,9 @@ class Router:
                 if len(choices) == self._config.fallback_choices:
                     break
         assert choices, "the ring holds every live node and at least one is eligible"
-        return min(choices, key=lambda n: inflight[n])
+        home = choices[0]
+        lightest = min(choices, key=lambda n: inflight[n])
+        return lightest if inflight[home] >= 2 * inflight[lightest] + 2 else home
 
     def _ring_for(self, nodes: Iterable[str]) -> HashRing:
         key = frozenset(nodes)
