@@ -128,7 +128,7 @@ def test_imbalance_threshold_overrides_affinity() -> None:
     assert cluster.router.route_hashes(hot).node_id == home
     # once a's load is back under the cap, affinity wins again
     for node in "bcd":
-        cluster.load(node, 0)
+        cluster.load(node, 1)
     cluster.load("a", 2)
     assert cluster.router.route_hashes(hot).node_id == "a"
 
