@@ -7,9 +7,9 @@ across disks. The on-disk formats are in :mod:`tiers.nvme_journal`.
 I/O
     Files are opened with ``O_DIRECT`` where the filesystem allows it (probed at open with an
     aligned write and read; ``o_direct="auto"`` falls back to buffered I/O and logs why). A batch
-    is sorted by file and slot, cut into runs of consecutive slots and then into chunks of at
-    most ``chunk_bytes``; each chunk is one ``pwritev``/``preadv`` run by one of ``io_threads``
-    threads (the calls release the GIL). A page whose memory is 4096-aligned and whose size is a
+    is sorted by file and slot, cut into runs of consecutive slots and then into about
+    ``io_threads`` equal chunks of at most ``chunk_bytes``; each chunk is one ``pwritev`` or
+    ``preadv`` run by one of the ``io_threads`` threads (the calls release the GIL). A page whose memory is 4096-aligned and whose size is a
     multiple of 4096 (pages of the host tier) is written from, or read into, its own memory with
     no copy; other pages go through a per-thread aligned staging buffer.
 
@@ -176,7 +176,7 @@ class NvmeTier:
         fsync_interval_s: float = 0.05,
         file_stem: str = "kvcluster-pages",
         recover: bool = True,
-        chunk_bytes: int = 8 * 2**20,
+        chunk_bytes: int = 32 * 2**20,
         file_io: FileIO | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -221,6 +221,7 @@ class NvmeTier:
         iov_max = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
         self._pages_per_chunk = max(1, min(chunk_bytes // self.slot_bytes, iov_max // 2))
         self._local = threading.local()
+        self._io_threads = io_threads
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix=f"{name}-io")
         self._files: list[_PageFile] = []
         self._recovered: dict[int, int] = {}
@@ -621,8 +622,10 @@ class NvmeTier:
         return arena
 
     def _plan(self, ids: Slots) -> list[_Chunk]:
-        """Chunks of consecutive local slots per file, each at most ``_pages_per_chunk`` long."""
+        """Chunks of consecutive local slots per file. A batch is cut into about ``io_threads``
+        equal chunks (so the threads finish together), none longer than ``chunk_bytes``."""
         count = len(self._files)
+        limit = min(self._pages_per_chunk, max(1, -(-len(ids) // self._io_threads)))
         order = sorted(range(len(ids)), key=lambda i: (int(ids[i]) % count, int(ids[i]) // count))
         chunks: list[_Chunk] = []
         for i in order:
@@ -633,7 +636,7 @@ class NvmeTier:
                 last is not None
                 and last.file == file
                 and last.first + len(last.positions) == local
-                and len(last.positions) < self._pages_per_chunk
+                and len(last.positions) < limit
             ):
                 last.positions.append(i)
             else:
