@@ -21,8 +21,8 @@ point leaves a journal whose every intact ``PUT`` names a page that was complete
 short or fails its checksum (a torn append). Recovery still re-reads each page and checks its
 header and checksum, so a page whose bytes were later damaged is never resurrected.
 
-Concurrency: :class:`Journal` serialises appends with its own lock; it is used by one
-:class:`~tiers.nvme_tier.NvmeTier` per file.
+Concurrency: :class:`Journal` serialises its appends and rewrites with its own lock; the
+:class:`~tiers.nvme_tier.NvmeTier` that owns it orders appends against compaction itself.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -226,40 +226,25 @@ class Journal:
         self._records = len(records)
         self._size = _FILE_HEADER_BYTES + len(records) * RECORD_BYTES
 
-    def append(
-        self, records: Iterable[JournalRecord], then: Callable[[], None] | None = None
-    ) -> None:
-        """Append ``records`` in one write (fsynced when configured), then run ``then``.
-
-        ``then`` runs under the journal lock, so a concurrent :meth:`compact` sees either
-        neither or both of the records and what ``then`` commits. OSError propagates and a
-        partial append is cut off again.
-        """
+    def append(self, records: Iterable[JournalRecord]) -> None:
+        """Append ``records`` in one write (fsynced when configured). OSError propagates and
+        a partial append is cut off again, so later records are not hidden behind it."""
         data = b"".join(r.encode() for r in records)
+        if not data:
+            return
         with self._lock:
             assert self._fd >= 0, "journal used before rewrite() opened it"
-            if data:
-                try:
-                    written = self._io.append(self._fd, data)
-                    if written != len(data):
-                        raise OSError(
-                            errno.ENOSPC, f"short journal append ({written} of {len(data)} bytes)"
-                        )
-                    if self._fsync:
-                        self._io.fsync(self._fd)
-                except OSError:
-                    # Cut a partial append off so later records are not hidden behind it.
-                    os.ftruncate(self._fd, self._size)
-                    raise
-                self._records += len(data) // RECORD_BYTES
-                self._size += len(data)
-            if then is not None:
-                then()
-
-    def compact(self, live: Callable[[], list[JournalRecord]]) -> None:
-        """Rewrite the journal as ``live()``, computed under the journal lock."""
-        with self._lock:
-            self._rewrite_locked(live())
+            try:
+                written = self._io.append(self._fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, f"short journal append ({written} of {len(data)} bytes)")
+                if self._fsync:
+                    self._io.fsync(self._fd)
+            except OSError:
+                os.ftruncate(self._fd, self._size)
+                raise
+            self._records += len(data) // RECORD_BYTES
+            self._size += len(data)
 
     def sync(self) -> None:
         """fsync the journal (group commit when appends do not fsync themselves)."""

@@ -177,6 +177,7 @@ class NvmeTier:
         file_stem: str = "kvcluster-pages",
         recover: bool = True,
         chunk_bytes: int = 32 * 2**20,
+        compact_after: int = 65536,
         file_io: FileIO | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -214,6 +215,8 @@ class NvmeTier:
         self._tag = np.full(num_slots, NO_TAG, dtype=np.int64)
         self._next_seq = 1
         self._pending_dels: list[tuple[int, int, int, int]] = []
+        self._journal_lock = threading.Lock()  # order: _journal_lock, then _lock
+        self._compact_after = compact_after
         self._flush_queued = False
         self._checksum_failures = 0
         self._io_errors = 0
@@ -445,25 +448,38 @@ class NvmeTier:
         then: Callable[[], None] | None = None,
     ) -> None:
         """Append ``(slot, tag, seq, checksum)`` records of ``kind``, preceded by the pending
-        ``DEL`` records, to their files' journals; then run ``then`` (see Journal.append)."""
+        ``DEL`` records, to their files' journals; then run ``then``.
+
+        Everything happens under ``_journal_lock``, so a compaction (which snapshots the live
+        pages under the same lock) sees either neither or both of an append and what ``then``
+        commits. A journal grown past its bound is compacted here.
+        """
         count = len(self._files)
-        with self._lock:
-            retired, self._pending_dels = self._pending_dels, []
-        per_file: list[list[JournalRecord]] = [[] for _ in self._files]
-        for record_kind, batch in ((RecordKind.DEL, retired), (kind, records)):
-            for slot, tag, seq, checksum in batch:
-                per_file[slot % count].append(JournalRecord(record_kind, slot // count, tag, seq, checksum))
-        touched = [i for i, recs in enumerate(per_file) if recs]
-        try:
-            if not touched and then is not None:
+        with self._journal_lock:
+            with self._lock:
+                retired, self._pending_dels = self._pending_dels, []
+            per_file: list[list[JournalRecord]] = [[] for _ in self._files]
+            for record_kind, batch in ((RecordKind.DEL, retired), (kind, records)):
+                for slot, tag, seq, checksum in batch:
+                    per_file[slot % count].append(JournalRecord(record_kind, slot // count, tag, seq, checksum))
+            try:
+                for index, file_records in enumerate(per_file):
+                    if file_records:
+                        self._files[index].journal.append(file_records)
+            except OSError:
+                with self._lock:  # retry the retirements with the next append
+                    self._pending_dels = retired + self._pending_dels
+                raise
+            if then is not None:
                 then()
-            for n, index in enumerate(touched):
-                last = n == len(touched) - 1
-                self._files[index].journal.append(per_file[index], then if last else None)
-        except OSError:
-            with self._lock:  # retry the retirements with the next append
-                self._pending_dels = retired + self._pending_dels
-            raise
+            with self._lock:
+                live = int(np.count_nonzero(self._state == _WRITTEN))
+            for index, page_file in enumerate(self._files):
+                if page_file.journal.records > 4 * live // count + self._compact_after:
+                    with self._lock:
+                        snapshot = self._live_records(index)
+                    page_file.journal.rewrite(snapshot)
+                    logger.info("tier %s: compacted %s to %d records", self.name, page_file.journal.path, len(snapshot))
 
     def _transfer_write(
         self, ids: Slots, pages: Sequence[torch.Tensor], tags: list[int], seqs: list[int]

@@ -157,6 +157,25 @@ def test_a_page_damaged_while_down_is_not_recovered(tmp_path: Path, opened: list
     assert torch.equal(again.read(slots[1]), pages[1]) and torch.equal(again.read(slots[2]), pages[2])
 
 
+def test_the_journal_is_compacted_while_running(tmp_path: Path, opened: list[NvmeTier]) -> None:
+    tier = _open(opened, tmp_path, "never", slots=4, compact_after=8)
+    pages = random_pages(2, PAGE, seed=4)
+    live: list[int] = []
+    for key in range(60):  # churn: write a page, free the one before
+        slot = tier.allocate(1)
+        assert slot is not None
+        tier.write(int(slot[0]), pages[key % 2], tag=key)
+        if live:
+            tier.free(live[-1:])
+        live = [int(slot[0])]
+    journal = tmp_path / "kvcluster-pages.journal"
+    assert journal.stat().st_size <= 64 + (4 * 1 + 8 + 2 + 2) * RECORD_BYTES
+    tier.close()
+    again = _open(opened, tmp_path, "never", slots=4)
+    assert again.recovered_pages() == {59: live[0]}
+    assert torch.equal(again.read(live[0]), pages[1])
+
+
 def test_a_torn_journal_tail_is_ignored(tmp_path: Path, opened: list[NvmeTier], mode: str) -> None:
     tier = _open(opened, tmp_path, mode)
     slots, _ = _write_tagged(tier, 2)
