@@ -29,7 +29,7 @@ DEMO_BLOCKS_PER_NODE = 3000
 class DemoSettings:
     config_path: str | None = None
     nodes: int | None = None
-    conversations: int = 300
+    conversations: int = 150
     turns: int = 6
     redis_url: str | None = None
     seed: int = 0

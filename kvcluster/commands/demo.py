@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run a local multi-node cluster on a chat workload")
     add_config_option(parser)
     parser.add_argument("--nodes", type=int, default=None, help="simulated nodes (default: config)")
-    parser.add_argument("--conversations", type=int, default=300)
+    parser.add_argument("--conversations", type=int, default=150)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--redis", metavar="URL", help="use this Redis as the registry")
     parser.add_argument("--seed", type=int, default=0)
