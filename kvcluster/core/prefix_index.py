@@ -135,8 +135,9 @@ class PrefixIndex:
         self._vocab = vocab_size
 
         self._roots: dict[str, RadixNode] = {}
-        self._live: dict[int, RadixNode] = {}  # node_id -> node, every non-root node in a tree
+        self._nodes = 0  # non-root nodes in every tree
         self._next_node_id = 1
+        self._epoch = 0  # nodes dropped so far: a match from another epoch is re-checked
         # Per block: references held by tree nodes, and pinned nodes covering it.
         self._tree_refs = np.zeros(pool.num_blocks, dtype=np.int32)
         self._pin_refs = np.zeros(pool.num_blocks, dtype=np.int32)
@@ -177,7 +178,7 @@ class PrefixIndex:
 
     def __len__(self) -> int:
         """Nodes in every tree (roots excluded)."""
-        return len(self._live)
+        return self._nodes
 
     def namespaces(self) -> list[str]:
         return list(self._roots)
@@ -205,19 +206,12 @@ class PrefixIndex:
         self._lookup_tokens += array.size
         if not matched or node is None:
             self._misses += 1
-            return PrefixMatch(namespace, 0, array.size, self._bs, b"", query)
+            return PrefixMatch(namespace, 0, array.size, self._bs, b"", query, self._epoch)
         self._policy.touch_path(node, self._clock())
         self._hits += 1
         self._hit_tokens += matched
-        return PrefixMatch(
-            namespace,
-            matched,
-            array.size,
-            self._bs,
-            node.path_blocks[: -(-matched // self._bs) * ID_BYTES],
-            query[pos:],
-            node.node_id,
-        )
+        blocks = node.path_blocks[: -(-matched // self._bs) * ID_BYTES]
+        return PrefixMatch(namespace, matched, array.size, self._bs, blocks, query, self._epoch)
 
     def peek(self, tokens: TokenInput, namespace: str = "default") -> int:
         """How many leading tokens of ``tokens`` are cached, without counting a lookup or
@@ -265,7 +259,7 @@ class PrefixIndex:
         if root is None or not count:
             self._misses += count
             self._lookup_tokens += len(buffer) >> 3
-            return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count)
+            return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count, self._epoch)
         now = self._clock()
         touch = self._policy.touch_path
         shortest = self._min_prefix * ID_BYTES
@@ -303,7 +297,7 @@ class PrefixIndex:
         self._misses += count - hits
         self._hit_tokens += hit_bytes >> 3
         self._lookup_tokens += len(buffer) >> 3
-        return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes)
+        return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes, self._epoch)
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -316,8 +310,7 @@ class PrefixIndex:
         if not isinstance(match, PrefixMatch):
             raise InvalidArgument(f"acquire takes a PrefixMatch, got {type(match).__name__}")
         if match.matched_tokens:
-            node = self._live.get(match.anchor)
-            if node is None or node.namespace != match.namespace:
+            if match.epoch != self._epoch and not self._still_cached(match):
                 raise LeaseError(
                     f"the match of {match.matched_tokens} tokens in namespace {match.namespace!r} "
                     "is stale: its prefix left the cache after the lookup; look it up again"
@@ -327,6 +320,16 @@ class PrefixIndex:
         self._next_lease_id += 1
         self._leases[lease.lease_id] = lease
         return lease
+
+    def _still_cached(self, match: PrefixMatch) -> bool:
+        """Whether the tree still holds ``match``'s prefix in the same blocks (nodes were
+        dropped since the lookup; walking the matched tokens again tells)."""
+        root = self._roots.get(match.namespace)
+        if root is None or match.epoch > self._epoch:
+            return False
+        matched = match.matched_tokens * ID_BYTES
+        node, pos = descend(root, match.prompt_bytes, 0, matched)
+        return pos == matched and node.path_blocks.startswith(match.block_bytes)
 
     def release(self, lease: Lease) -> None:
         """Drop a lease's references. :class:`LeaseError` if it was already released."""
@@ -445,17 +448,16 @@ class PrefixIndex:
             root = RadixNode(b"", 0, None, b"", namespace, 0, now)
             root.terminal = False
             self._roots[namespace] = root
-        live = self._live
-        created: list[RadixNode] = []  # new leaves and split-off upper nodes, in order
-        adopted: list[bytes] = []
+        leaves: list[RadixNode] = []  # new leaves, in order
+        adopted: list[bytes] = []  # each new leaf's blocks (int64 bytes), same order
+        uppers: list[RadixNode] = []  # upper halves of split edges
         straddles: list[int] = []
         pinned_straddles: list[int] = []
-        touched: list[RadixNode] = []
+        present: list[tuple[int, RadixNode]] = []  # (leaves before it, node) of cached items
         marked: list[RadixNode] = []  # existing nodes that became the end of a sequence
-        shared_firsts: list[tuple[int, int]] = []  # (block, tree refs on it from the path)
         new_bytes = splits = skipped = 0
         shortest = self._min_prefix * ID_BYTES
-        next_id = self._next_node_id
+        first_id = next_id = self._next_node_id
         if len(sizes) == 1:
             bounds = [0, sizes[0] * ID_BYTES]
             block_bounds = [0, -(-sizes[0] // bs) * ID_BYTES]
@@ -491,7 +493,7 @@ class PrefixIndex:
                 self._next_node_id = next_id
                 parent = self._split(node, depth, now, track=False)
                 next_id = self._next_node_id
-                created.append(parent)
+                uppers.append(parent)
                 if depth % bs:
                     block = block_at(node.path_blocks, depth // bs)
                     straddles.append(block)
@@ -499,17 +501,11 @@ class PrefixIndex:
                         pinned_straddles.append(block)
             else:
                 parent = node
-                if depth % bs and pos != end:
-                    at = (depth // bs) * ID_BYTES
-                    if blocks[block_start + at : block_start + at + ID_BYTES] == parent.path_blocks[at : at + ID_BYTES]:
-                        # The sequence's block at the boundary is the parent's own (the tree
-                        # adopted it from this sequence or a fork before): shared, not copied.
-                        shared_firsts.append(self._straddle_holders(parent, depth // bs))
             if pos == end:  # already cached: keep its blocks, mark where this sequence ends
                 if not parent.terminal:
                     parent.terminal = True
                     marked.append(parent)
-                touched.append(parent)
+                present.append((len(leaves), parent))
                 continue
             low = (depth // bs) * ID_BYTES
             own = blocks[block_start + low : block_end]
@@ -520,21 +516,19 @@ class PrefixIndex:
                 children[first] = leaf
             else:  # a leaf's children are a shared read-only empty mapping (see RadixNode)
                 parent.children = {first: leaf}
-            live[next_id] = leaf
             next_id += 1
-            created.append(leaf)
+            leaves.append(leaf)
             adopted.append(own)
-            touched.append(leaf)
             new_bytes += len(key)
         self._next_node_id = next_id
 
         new_ids = ids_from_bytes(b"".join(adopted)) if adopted else np.empty(0, dtype=np.int64)
         problem = None
+        shared = 0
         if new_ids.size:
             held = self._tree_refs[new_ids] > 0
             if held.any():
-                allowed = dict(shared_firsts)
-                bad = [b for b in new_ids[held].tolist() if allowed.get(b) != int(self._tree_refs[b])]
+                shared, bad = self._shared_boundary_blocks(new_ids, held, adopted, leaves, uppers)
                 if bad:
                     problem = (
                         f"block(s) {bad[:8]} already hold cached tokens; a sequence extending a "
@@ -545,7 +539,7 @@ class PrefixIndex:
         if problem is not None:
             for node in marked:
                 node.terminal = False
-            self._rollback(created, tracked=False)
+            self._rollback(sorted(leaves + uppers, key=lambda n: n.node_id), tracked=False)
             if created_root:
                 del self._roots[namespace]
             raise InvalidArgument(problem)
@@ -559,10 +553,23 @@ class PrefixIndex:
         elif new_ids.size:
             self._pool.incref(new_ids)
             self._tree_refs[new_ids] += 1
-        self._blocks_used += new_ids.size - len(shared_firsts)
+        self._blocks_used += new_ids.size - shared
+        self._nodes += next_id - first_id
         policy = self._policy
-        policy.track_many([n for n in created if not n.pin_count])
-        policy.touch_many(touched, now)
+        policy.track_many(leaves)
+        if uppers:
+            policy.track_many([n for n in uppers if not n.pin_count])
+        if present:  # interleave the touches of cached items with the new leaves', in order
+            touched: list[RadixNode] = []
+            done = 0
+            for before, node in present:
+                touched += leaves[done:before]
+                touched.append(node)
+                done = before
+            touched += leaves[done:]
+            policy.touch_many(touched, now)
+        else:
+            policy.touch_many(leaves, now)
         new_tokens = new_bytes >> 3
         considered = sum(n for n in sizes if n >= self._min_prefix) if skipped else len(tokens) >> 3
         self._inserts += len(sizes)
@@ -570,6 +577,42 @@ class PrefixIndex:
         if self._memory_budget is not None:
             self.enforce_memory_budget()
         return InsertBatchResult(len(sizes), considered - new_tokens, new_tokens, new_ids.size, splits, skipped)
+
+    def _shared_boundary_blocks(
+        self,
+        new_ids: Int64Array,
+        held: npt.NDArray[np.bool_],
+        adopted: list[bytes],
+        leaves: list[RadixNode],
+        uppers: list[RadixNode],
+    ) -> tuple[int, list[int]]:
+        """Sort the adopted blocks the tree already holds into the legitimate ones and the rest.
+
+        Legitimate: a new leaf's first block, when the leaf starts inside that block below an
+        existing node that owns the very same block (the tree adopted it from this sequence or
+        a fork before, and nobody else holds it): it is shared, not copied. Returns how many
+        such blocks there are and the offending block ids.
+        """
+        starts = np.cumsum([0] + [len(chunk) // ID_BYTES for chunk in adopted])
+        new_uppers = {id(n) for n in uppers}
+        shared, bad = 0, []
+        for position in np.flatnonzero(held).tolist():
+            block = int(new_ids[position])
+            leaf = leaves[int(np.searchsorted(starts, position, side="right")) - 1]
+            parent = leaf.parent
+            index = leaf.start // self._bs
+            ok = (
+                parent is not None
+                and position == starts[leaves.index(leaf)]
+                and leaf.start % self._bs != 0
+                and id(parent) not in new_uppers
+                and self._straddle_holders(parent, index) == (block, int(self._tree_refs[block]))
+            )
+            if ok:
+                shared += 1
+            else:
+                bad.append(block)
+        return shared, bad
 
     def _straddle_holders(self, node: RadixNode, index: int) -> tuple[int, int]:
         """Block number ``index`` of ``node``'s path and how many nodes from ``node`` up hold it
@@ -585,8 +628,7 @@ class PrefixIndex:
 
     def _split(self, node: RadixNode, at: int, now: float, *, track: bool) -> RadixNode:
         """Split ``node``'s edge at token position ``at`` (``start < at < end``); return the new
-        upper node. ``node`` keeps its identity as the lower part (matches and pins anchored on
-        it stay valid). Structure only: the caller adds the straddling block's reference, and
+        upper node. ``node`` keeps its identity as the lower part (pins ending in it stay valid). Structure only: the caller adds the straddling block's reference, and
         tracks the upper node in the policy unless ``track``."""
         cut = (at - node.start) * ID_BYTES
         node_id = self._next_node_id
@@ -605,7 +647,8 @@ class PrefixIndex:
         node.start = at
         node.parent = upper
         upper.children = {node.key[:ID_BYTES]: node}
-        self._live[node_id] = upper
+        if track:  # a batch insert counts its new nodes when it completes
+            self._nodes += 1
         if track and not upper.pin_count:
             self._policy.track(upper)
         return upper
@@ -623,9 +666,10 @@ class PrefixIndex:
                 parent.children[node.key[:ID_BYTES]] = lower
             else:
                 del parent.children[node.key[:ID_BYTES]]
-            if tracked and not node.pin_count:
-                self._policy.untrack(node)
-            del self._live[node.node_id]
+            if tracked:
+                self._nodes -= 1
+                if not node.pin_count:
+                    self._policy.untrack(node)
 
     # --- eviction ------------------------------------------------------------------------------
 
@@ -808,7 +852,8 @@ class PrefixIndex:
         parent = node.parent
         assert parent is not None
         del parent.children[node.key[:ID_BYTES]]
-        del self._live[node.node_id]
+        self._nodes -= 1
+        self._epoch += 1
         self._evicted_blocks[reason] += freed
         self._evicted_nodes[reason] += 1
         return freed
@@ -931,7 +976,7 @@ class PrefixIndex:
             pinned_blocks=self._pinned_blocks,
             pins=len(self._pins),
             leases=len(self._leases),
-            nodes=len(self._live),
+            nodes=self._nodes,
             namespaces=len(self._roots),
         )
 

@@ -26,7 +26,6 @@ def check_index_invariants(index: PrefixIndex, *, deep: bool = True) -> None:
     pin_counts: dict[int, int] = {}
     for record in index._pins.values():
         n: RadixNode | None = record.end
-        assert record.end.node_id in index._live, f"pin of {record.tokens} tokens ends in a dead node"
         assert record.end.end == record.tokens, "a pin does not end at its node's end"
         while n is not None and n.parent is not None:
             pin_counts[n.node_id] = pin_counts.get(n.node_id, 0) + 1
@@ -46,7 +45,6 @@ def check_index_invariants(index: PrefixIndex, *, deep: bool = True) -> None:
                 assert len(child.path_blocks) == -(-child.end // bs) * ID_BYTES, f"{child} path length"
                 shared = (child.start // bs) * ID_BYTES
                 assert child.path_blocks[:shared] == node.path_blocks[:shared], f"{child} path differs from parent's"
-                assert index._live.get(child.node_id) is child, f"{child} missing from the live map"
                 assert child.pin_count == pin_counts.get(child.node_id, 0), f"{child} pin count"
                 own = child.own_blocks(bs)
                 assert np.unique(own).size == own.size, f"{child} holds a block twice"
@@ -55,7 +53,9 @@ def check_index_invariants(index: PrefixIndex, *, deep: bool = True) -> None:
                     np.add.at(pin_refs, own, 1)
                 seen[child.node_id] = child
                 stack.append(child)
-    assert len(seen) == len(index._live), "live map holds nodes outside the trees"
+    assert len(seen) == index._nodes, f"node count {index._nodes} but {len(seen)} nodes in the trees"
+    for record in index._pins.values():
+        assert seen.get(record.end.node_id) is record.end, f"pin of {record.tokens} tokens ends in a dead node"
     assert np.array_equal(tree, index._tree_refs), "tree reference counts drifted"
     assert np.array_equal(pin_refs, index._pin_refs), "pin reference counts drifted"
     assert index._blocks_used == int(np.count_nonzero(tree)), "blocks_used drifted"

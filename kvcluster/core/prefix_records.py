@@ -32,8 +32,8 @@ class PrefixMatch:
     shared_tokens=matched_tokens)`` does). A miss has ``matched_tokens == 0`` and no blocks.
 
     The blocks are only guaranteed to stay cached while a :class:`Lease` holds them
-    (``PrefixIndex.acquire``); ``anchor`` identifies the tree node the match ended in, so that
-    ``acquire`` can refuse a match whose prefix was evicted since the lookup.
+    (``PrefixIndex.acquire``). ``epoch`` is the index's eviction count at lookup time, so
+    ``acquire`` can tell whether the prefix may have left the cache since.
     """
 
     namespace: str
@@ -41,8 +41,8 @@ class PrefixMatch:
     total_tokens: int
     block_size: int
     block_bytes: bytes = field(repr=False)
-    remaining_bytes: bytes = field(repr=False)
-    anchor: int = field(default=-1, repr=False)
+    prompt_bytes: bytes = field(repr=False)
+    epoch: int = field(default=0, repr=False)
 
     @property
     def hit(self) -> bool:
@@ -68,9 +68,14 @@ class PrefixMatch:
         return self.matched_tokens % self.block_size
 
     @property
+    def tokens(self) -> Int64Array:
+        """The prompt looked up (read-only int64 array)."""
+        return ids_from_bytes(self.prompt_bytes)
+
+    @property
     def remaining(self) -> Int64Array:
         """The prompt's tokens after the match, still to be computed (read-only int64 array)."""
-        return ids_from_bytes(self.remaining_bytes)
+        return ids_from_bytes(self.prompt_bytes)[self.matched_tokens :]
 
     @property
     def num_remaining(self) -> int:
@@ -211,7 +216,7 @@ class MatchBatch(SequenceABC[PrefixMatch]):
     node), so it is the same snapshot :meth:`PrefixIndex.lookup` would have returned.
     """
 
-    __slots__ = ("_block_size", "_bounds", "_buffer", "_nodes", "_positions", "namespace")
+    __slots__ = ("_block_size", "_bounds", "_buffer", "_epoch", "_nodes", "_positions", "namespace")
 
     def __init__(
         self,
@@ -221,6 +226,7 @@ class MatchBatch(SequenceABC[PrefixMatch]):
         bounds: list[int],
         positions: list[int],
         nodes: list[RadixNode | None],
+        epoch: int = 0,
     ) -> None:
         assert len(bounds) == len(positions) + 1 == len(nodes) + 1
         self.namespace = namespace
@@ -229,6 +235,7 @@ class MatchBatch(SequenceABC[PrefixMatch]):
         self._bounds = bounds  # byte offset of each prompt in buffer, plus the end
         self._positions = positions  # byte offset where each prompt's match ends
         self._nodes = nodes
+        self._epoch = epoch
 
     def __len__(self) -> int:
         return len(self._positions)
@@ -247,12 +254,11 @@ class MatchBatch(SequenceABC[PrefixMatch]):
         matched = (pos - start) // ID_BYTES
         total = (end - start) // ID_BYTES
         node = self._nodes[i]
+        prompt = self._buffer[start:end]
         if not matched or node is None:
-            return PrefixMatch(self.namespace, 0, total, self._block_size, b"", self._buffer[start:end])
+            return PrefixMatch(self.namespace, 0, total, self._block_size, b"", prompt, self._epoch)
         blocks = node.path_blocks[: -(-matched // self._block_size) * ID_BYTES]
-        return PrefixMatch(
-            self.namespace, matched, total, self._block_size, blocks, self._buffer[pos:end], node.node_id
-        )
+        return PrefixMatch(self.namespace, matched, total, self._block_size, blocks, prompt, self._epoch)
 
     @property
     def matched_tokens(self) -> npt.NDArray[np.int64]:
