@@ -3,6 +3,7 @@ tests/cluster/test_compose_equivalent.py against a Ray cluster started like dock
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -41,7 +42,7 @@ def test_multi_turn_chat() -> None:
     assert len(turns) == 4
     assert turns[0][1] == 0
     # Each later turn reuses exactly the history: the previous prompt and its 60-token response.
-    for (prev_prompt, _), (_, cached) in zip(turns, turns[1:]):
+    for (prev_prompt, _), (_, cached) in itertools.pairwise(turns):
         assert cached == prev_prompt + 60
 
 
