@@ -151,6 +151,7 @@ class TieredStore:
         self._move_listeners: list[MoveListener] = [on_move] if on_move else []
         self._discard_listeners: list[DiscardListener] = [on_discard] if on_discard else []
         self._closed = False
+        self._halted = False  # set by a bug in a move: automatic moves stop
 
         self._adopt_recovered()
         self._workers = MigrationWorkers(migration_threads)
@@ -452,7 +453,7 @@ class TieredStore:
     def rebalance(self) -> None:
         """Ask the workers for a watermark pass (idempotent while one is queued)."""
         with self._lock:
-            if self._rebalance_queued or self._closed:
+            if self._rebalance_queued or self._closed or self._halted:
                 return
             self._rebalance_queued = True
             self._workers.enqueue(_PRIORITY_DEMOTE, self._rebalance_step)
@@ -464,7 +465,7 @@ class TieredStore:
 
     def _queue_hit_promotion(self, key: int) -> None:
         with self._lock:
-            if self._closed:
+            if self._closed or self._halted:
                 return
             self._hit_promotions[key] = None
             if not self._hit_task_queued:
@@ -551,6 +552,7 @@ class TieredStore:
         started = self._clock()
         corrupt: set[int] = set()
         failed = False
+        unexpected: BaseException | None = None
         try:
             copy_pages(
                 self._tiers[plan.src], plan.src_slots, self._tiers[plan.dst], plan.dst_slots,
@@ -564,6 +566,13 @@ class TieredStore:
                 "move %s -> %s of %d pages failed, pages stay: %s",
                 self._names[plan.src], self._names[plan.dst], len(plan.entries), exc,
             )
+        except BaseException as exc:  # a bug: roll the move back, then let it surface
+            failed = True
+            unexpected = exc
+            # No automatic move is started again (it would hit the bug in a loop); explicit
+            # requests still run. wait_idle re-raises the bug.
+            self._halted = True
+            logger.error("tiered store: automatic migrations stopped after an unexpected error")
         elapsed = self._clock() - started
         moved: list[tuple[int, int, int]] = []
         dropped: list[int] = []
@@ -593,7 +602,7 @@ class TieredStore:
                 entry.where = (plan.dst, dst_slot)
                 self._collect_locked(entry)
                 moved.append((entry.key, plan.src, plan.dst))
-            if failed:
+            if failed and unexpected is None:
                 self._io_backoff_until[plan.dst] = self._clock() + self._io_retry
             nbytes = len(moved) * self.page_bytes
             for index in (plan.src, plan.dst):
@@ -605,6 +614,8 @@ class TieredStore:
                 self._counters[plan.dst].promotions += len(moved)
             self._moves_done.notify_all()
             again = any(self._draining) or any(self._over_high(i) for i in range(len(self._tiers) - 1))
+        if unexpected is not None:
+            raise unexpected
         if dropped:
             logger.error("tiered store: dropped corrupt pages %s", dropped)
         self._notify(moved, dropped)
@@ -736,7 +747,7 @@ class TieredStore:
                 if plan is not None or self._draining == before:
                     break
             more = plan is not None and any(self._draining)
-            if more and not self._rebalance_queued and not self._closed:
+            if more and not self._rebalance_queued and not self._closed and not self._halted:
                 self._rebalance_queued = True
                 self._workers.enqueue(_PRIORITY_DEMOTE, self._rebalance_step)
         self._notify((), discarded)

@@ -376,6 +376,7 @@ def test_a_worker_bug_is_not_swallowed(stores: list[TieredStore], recorder: Reco
     with pytest.raises(RuntimeError, match="worker failed"):
         store.wait_idle(10)
     assert all(store.location(k) == "gpu" for k in range(9))  # nothing moved, nothing lost
+    assert store.stats()["cpu"].pages_used == 0  # the rolled-back copies gave their slots back
     gated.explode = False
     assert isinstance(store._workers.forget_error(), RuntimeError)  # acknowledged; close() works
 
