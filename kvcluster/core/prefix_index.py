@@ -46,7 +46,7 @@ import numpy.typing as npt
 from kvcluster.core.block_pool import BlockPool
 from kvcluster.core.eviction import EVICTION_REASONS, EvictionPolicy, EvictionReason, make_policy
 from kvcluster.core.prefix_invariants import check_index_invariants
-from kvcluster.core.prefix_pins import PinRecord, pins_to_displace
+from kvcluster.core.prefix_pins import PinRecord, PinsMixin
 from kvcluster.core.prefix_records import (
     CacheStats,
     EvictedBlock,
@@ -57,18 +57,18 @@ from kvcluster.core.prefix_records import (
     PrefixMatch,
 )
 from kvcluster.core.radix_node import ID_BYTES, RadixNode, ids_from_bytes
-from kvcluster.core.radix_node import path_of as _path_of
 from kvcluster.core.radix_walk import (
     block_at,
     common_prefix,
     descend,
     join_ids,
     packed_bounds,
+    shared_boundary_blocks,
     token_arrays,
     validated_items,
 )
 from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array, check_token_range
-from kvcluster.errors import InvalidArgument, LeaseError, PinBudgetExceeded
+from kvcluster.errors import InvalidArgument, LeaseError
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ EvictionListener = Callable[[EvictedBlock], None]
 
 #: Edges shorter than this many tokens find their first mismatch by binary search over
 #: ``startswith`` (a few C calls); longer ones with one vectorised numpy comparison.
-class PrefixIndex:
+class PrefixIndex(PinsMixin):
     """Longest-prefix index of the K/V blocks cached in one block pool.
 
     ``block_size`` must be the pool's pages' block size. ``policy`` is an
@@ -528,7 +528,7 @@ class PrefixIndex:
         if new_ids.size:
             held = self._tree_refs[new_ids] > 0
             if held.any():
-                shared, bad = self._shared_boundary_blocks(new_ids, held, adopted, leaves, uppers)
+                shared, bad = shared_boundary_blocks(new_ids, held, adopted, leaves, uppers, self._tree_refs, bs)
                 if bad:
                     problem = (
                         f"block(s) {bad[:8]} already hold cached tokens; a sequence extending a "
@@ -577,54 +577,6 @@ class PrefixIndex:
         if self._memory_budget is not None:
             self.enforce_memory_budget()
         return InsertBatchResult(len(sizes), considered - new_tokens, new_tokens, new_ids.size, splits, skipped)
-
-    def _shared_boundary_blocks(
-        self,
-        new_ids: Int64Array,
-        held: npt.NDArray[np.bool_],
-        adopted: list[bytes],
-        leaves: list[RadixNode],
-        uppers: list[RadixNode],
-    ) -> tuple[int, list[int]]:
-        """Sort the adopted blocks the tree already holds into the legitimate ones and the rest.
-
-        Legitimate: a new leaf's first block, when the leaf starts inside that block below an
-        existing node that owns the very same block (the tree adopted it from this sequence or
-        a fork before, and nobody else holds it): it is shared, not copied. Returns how many
-        such blocks there are and the offending block ids.
-        """
-        starts = np.cumsum([0] + [len(chunk) // ID_BYTES for chunk in adopted])
-        new_uppers = {id(n) for n in uppers}
-        shared, bad = 0, []
-        for position in np.flatnonzero(held).tolist():
-            block = int(new_ids[position])
-            leaf = leaves[int(np.searchsorted(starts, position, side="right")) - 1]
-            parent = leaf.parent
-            index = leaf.start // self._bs
-            ok = (
-                parent is not None
-                and position == starts[leaves.index(leaf)]
-                and leaf.start % self._bs != 0
-                and id(parent) not in new_uppers
-                and self._straddle_holders(parent, index) == (block, int(self._tree_refs[block]))
-            )
-            if ok:
-                shared += 1
-            else:
-                bad.append(block)
-        return shared, bad
-
-    def _straddle_holders(self, node: RadixNode, index: int) -> tuple[int, int]:
-        """Block number ``index`` of ``node``'s path and how many nodes from ``node`` up hold it
-        (several when edge boundaries fall inside that block)."""
-        block = block_at(node.path_blocks, index)
-        holders = 0
-        current: RadixNode | None = node
-        while current is not None and current.parent is not None and current.end > index * self._bs:
-            if block_at(current.path_blocks, index) == block:
-                holders += 1
-            current = current.parent
-        return block, holders
 
     def _split(self, node: RadixNode, at: int, now: float, *, track: bool) -> RadixNode:
         """Split ``node``'s edge at token position ``at`` (``start < at < end``); return the new
@@ -857,107 +809,6 @@ class PrefixIndex:
         self._evicted_blocks[reason] += freed
         self._evicted_nodes[reason] += 1
         return freed
-
-    # --- pins ----------------------------------------------------------------------------------
-
-    def pin(self, tokens: TokenInput, namespace: str = "default", priority: int = 0) -> int:
-        """Keep the cached prefix of ``tokens`` from eviction until :meth:`unpin`.
-
-        Returns the tokens pinned: the longest cached prefix of ``tokens`` (0: nothing cached,
-        nothing pinned). Pinning the same tokens again updates the priority. If the pinned
-        blocks would exceed the pin budget, pins of strictly lower priority are released
-        (lowest, then oldest first) when that makes room; otherwise :class:`PinBudgetExceeded`
-        and nothing changes.
-        """
-        if type(namespace) is not str:
-            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidArgument(f"priority must be an integer, got {priority!r}")
-        array = as_token_array(tokens)
-        query = array.tobytes()
-        root = self._roots.get(namespace)
-        if root is None:
-            return 0
-        node, pos = descend(root, query)
-        depth = pos >> 3
-        if depth == 0:
-            return 0
-        key = (namespace, query)
-        existing = self._pins.get(key)
-        if existing is not None and existing.tokens == depth:
-            existing.priority = priority
-            return depth
-        now = self._clock()
-        upper = None
-        if depth < node.end:
-            upper = self._split(node, depth, now, track=True)
-            end = upper
-        else:
-            end = node
-        displaced = pins_to_displace(self._pins.values(), end, priority, existing, self._pin_budget, self._bs)
-        if displaced is None:
-            if upper is not None:
-                self._rollback([upper], tracked=True)
-            raise PinBudgetExceeded(
-                f"pinning {depth} tokens in namespace {namespace!r} would exceed the pin budget of "
-                f"{self._pin_budget} blocks ({self._pinned_blocks} pinned); unpin something or "
-                "raise pin_budget_fraction"
-            )
-        if upper is not None and depth % self._bs:
-            straddle = np.array([block_at(node.path_blocks, depth // self._bs)], dtype=np.int64)
-            self._pool.incref(straddle)
-            self._tree_refs[straddle] += 1
-            if node.pin_count:
-                self._pin_refs[straddle] += 1
-        for record in displaced:
-            logger.info("pin of %s tokens (priority %s) displaced by priority %s", record.tokens, record.priority, priority)
-            del self._pins[(record.namespace, record.key)]
-            self._unpin_record(record, touch=True)
-        if existing is not None:
-            del self._pins[key]
-            self._unpin_record(existing, touch=True)
-        for n in _path_of(end):
-            if n.pin_count == 0:
-                self._policy.untrack(n)
-                own = n.own_blocks(self._bs)
-                np.add.at(self._pin_refs, own, 1)
-            n.pin_count += 1
-        self._pinned_blocks = int(np.count_nonzero(self._pin_refs))
-        self._pins[key] = PinRecord(namespace, query, priority, self._next_pin_seq, end, depth)
-        self._next_pin_seq += 1
-        return depth
-
-    def unpin(self, tokens: TokenInput, namespace: str = "default") -> bool:
-        """Release the pin made with these ``tokens``; False if there is none. The prefix counts
-        as used now and becomes evictable again."""
-        array = as_token_array(tokens)
-        record = self._pins.pop((namespace, array.tobytes()), None)
-        if record is None:
-            return False
-        self._unpin_record(record, touch=True)
-        return True
-
-    def is_pinned(self, tokens: TokenInput, namespace: str = "default") -> bool:
-        """Whether a pin made with exactly these ``tokens`` is held (not unpinned or displaced)."""
-        return (namespace, as_token_array(tokens).tobytes()) in self._pins
-
-    def pins(self) -> list[tuple[str, int, int]]:
-        """``(namespace, pinned tokens, priority)`` of every pin, oldest first."""
-        return [(p.namespace, p.tokens, p.priority) for p in sorted(self._pins.values(), key=lambda p: p.seq)]
-
-    def _unpin_record(self, record: PinRecord, *, touch: bool) -> None:
-        now = self._clock()
-        released = []
-        for n in _path_of(record.end):
-            n.pin_count -= 1
-            if n.pin_count == 0:
-                np.subtract.at(self._pin_refs, n.own_blocks(self._bs), 1)
-                released.append(n)
-        for n in released:  # deepest first: ancestors end up behind their descendants
-            if touch:
-                n.last_access = now
-            self._policy.track(n)
-        self._pinned_blocks = int(np.count_nonzero(self._pin_refs))
 
     # --- stats and checks ----------------------------------------------------------------------
 

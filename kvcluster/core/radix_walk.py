@@ -137,3 +137,55 @@ def block_at(path_blocks: bytes, index: int) -> int:
     """Block id number ``index`` of a node's ``path_blocks``."""
     return int.from_bytes(path_blocks[index * ID_BYTES : (index + 1) * ID_BYTES], sys.byteorder, signed=True)
 
+
+def shared_boundary_blocks(
+    new_ids: Int64Array,
+    held: npt.NDArray[np.bool_],
+    adopted: list[bytes],
+    leaves: list[RadixNode],
+    uppers: list[RadixNode],
+    tree_refs: npt.NDArray[np.int32],
+    block_size: int,
+) -> tuple[int, list[int]]:
+    """Sort the adopted blocks the tree already holds into the legitimate ones and the rest.
+
+    ``adopted[i]`` are the blocks new leaf ``leaves[i]`` adopts, ``new_ids`` all of them in
+    order, ``held`` which of those the tree already references (``tree_refs``), ``uppers`` the
+    nodes split off in the same batch. Legitimate: a new leaf's first block, when the leaf
+    starts inside that block below an existing node that owns the very same block (the tree
+    adopted it from this sequence or a fork before, and no other branch holds it): it is
+    shared, not copied. Returns how many such blocks there are and the offending block ids.
+    """
+    starts = np.cumsum([0] + [len(chunk) // ID_BYTES for chunk in adopted])
+    new_uppers = {id(n) for n in uppers}
+    shared, bad = 0, []
+    for position in np.flatnonzero(held).tolist():
+        block = int(new_ids[position])
+        item = int(np.searchsorted(starts, position, side="right")) - 1
+        leaf = leaves[item]
+        parent = leaf.parent
+        ok = (
+            parent is not None
+            and position == starts[item]
+            and leaf.start % block_size != 0
+            and id(parent) not in new_uppers
+            and boundary_holders(parent, leaf.start // block_size, block_size) == (block, int(tree_refs[block]))
+        )
+        if ok:
+            shared += 1
+        else:
+            bad.append(block)
+    return shared, bad
+
+
+def boundary_holders(node: RadixNode, index: int, block_size: int) -> tuple[int, int]:
+    """Block number ``index`` of ``node``'s path and how many nodes from ``node`` up own that
+    same block (several when edge boundaries fall inside it)."""
+    block = block_at(node.path_blocks, index)
+    holders = 0
+    current: RadixNode | None = node
+    while current is not None and current.parent is not None and current.end > index * block_size:
+        if block_at(current.path_blocks, index) == block:
+            holders += 1
+        current = current.parent
+    return block, holders
