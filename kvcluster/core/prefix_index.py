@@ -260,12 +260,11 @@ class PrefixIndex(PinsMixin):
             self._misses += count
             self._lookup_tokens += len(buffer) >> 3
             return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count, self._epoch)
-        now = self._clock()
-        touch = self._policy.touch_path
         shortest = self._min_prefix * ID_BYTES
         positions: list[int] = []
         nodes: list[RadixNode | None] = []
-        hits = hit_bytes = 0
+        hit_nodes: list[RadixNode] = []
+        hit_bytes = 0
         start = 0
         for end in bounds[1:]:
             # _descend, inlined: this loop is the hot path of batched lookups.
@@ -287,12 +286,13 @@ class PrefixIndex(PinsMixin):
                 positions.append(start)
                 nodes.append(None)
             else:
-                touch(node, now)
-                hits += 1
+                hit_nodes.append(node)
                 hit_bytes += pos - start
                 positions.append(pos)
                 nodes.append(node)
             start = end
+        hits = len(hit_nodes)
+        self._policy.touch_many(hit_nodes, self._clock())  # in order, as one call
         self._hits += hits
         self._misses += count - hits
         self._hit_tokens += hit_bytes >> 3
