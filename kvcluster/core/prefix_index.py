@@ -11,13 +11,22 @@ Lookups
     (``memcmp``) against the stored tokens, so a hit is *verified* token by token (there are no
     hashes in the tree, a collision cannot return another prompt's K/V) and a 32K-token prompt
     costs a few ``memcmp`` calls, not a Python loop per token. The match is token-granular: it
-    may end inside an edge and inside a block. ``lookup_many`` amortises the per-call overhead.
+    may end inside an edge and inside a block. ``lookup_many`` and ``lookup_packed`` (prompts
+    back to back, as a batched prefill lays them out) amortise the per-call overhead; ``peek``
+    answers without counting or touching anything.
+
+Leases
+    ``acquire(match)`` takes references on the match's blocks so nothing evicts them while a
+    reader uses them. It walks the matched tokens again first and refuses (:class:`LeaseError`)
+    unless the same blocks still hold them (the prefix may have been evicted since the lookup).
 
 Inserts
     ``insert(tokens, block_ids)`` adopts the blocks of an already computed sequence (e.g. an
     engine sequence's block table). Tokens already in the tree keep their blocks; the rest
     becomes a new leaf (below a node, or below an edge split at the first differing token).
-    Validation first, all or nothing (``insert_many`` too, for the whole batch).
+    Validation first, all or nothing (``insert_many`` and ``insert_packed`` too, for the
+    whole batch). ``remove(tokens)`` forgets an inserted sequence and prunes the nodes it
+    leaves empty; ``clear_namespace`` drops a namespace.
 
 Eviction (see :mod:`kvcluster.core.eviction` for the orders)
     Only leaves whose every block is referenced by the tree alone are evicted: never a block a
@@ -30,7 +39,7 @@ Pins
     ``pin(tokens, priority=...)`` keeps a hot prefix (a system prompt) from eviction. Pinned
     blocks may not exceed ``pin_budget_fraction`` of the pool; a pin that would exceed it
     displaces pins of strictly lower priority if that makes room, else raises
-    :class:`PinBudgetExceeded` and changes nothing.
+    :class:`PinBudgetExceeded` and changes nothing (see :mod:`kvcluster.core.prefix_pins`).
 
 Concurrency: not thread-safe. The owner (the node engine) serialises every call.
 """
@@ -75,8 +84,7 @@ logger = logging.getLogger(__name__)
 Int64Array = npt.NDArray[np.int64]
 EvictionListener = Callable[[EvictedBlock], None]
 
-#: Edges shorter than this many tokens find their first mismatch by binary search over
-#: ``startswith`` (a few C calls); longer ones with one vectorised numpy comparison.
+
 class PrefixIndex(PinsMixin):
     """Longest-prefix index of the K/V blocks cached in one block pool.
 
@@ -137,7 +145,6 @@ class PrefixIndex(PinsMixin):
         self._roots: dict[str, RadixNode] = {}
         self._nodes = 0  # non-root nodes in every tree
         self._next_node_id = 1
-        self._epoch = 0  # nodes dropped so far: a match from another epoch is re-checked
         # Per block: references held by tree nodes, and pinned nodes covering it.
         self._tree_refs = np.zeros(pool.num_blocks, dtype=np.int32)
         self._pin_refs = np.zeros(pool.num_blocks, dtype=np.int32)
@@ -206,12 +213,12 @@ class PrefixIndex(PinsMixin):
         self._lookup_tokens += array.size
         if not matched or node is None:
             self._misses += 1
-            return PrefixMatch(namespace, 0, array.size, self._bs, b"", query, self._epoch)
+            return PrefixMatch(namespace, 0, array.size, self._bs, b"", query)
         self._policy.touch_path(node, self._clock())
         self._hits += 1
         self._hit_tokens += matched
         blocks = node.path_blocks[: -(-matched // self._bs) * ID_BYTES]
-        return PrefixMatch(namespace, matched, array.size, self._bs, blocks, query, self._epoch)
+        return PrefixMatch(namespace, matched, array.size, self._bs, blocks, query)
 
     def peek(self, tokens: TokenInput, namespace: str = "default") -> int:
         """How many leading tokens of ``tokens`` are cached, without counting a lookup or
@@ -259,7 +266,7 @@ class PrefixIndex(PinsMixin):
         if root is None or not count:
             self._misses += count
             self._lookup_tokens += len(buffer) >> 3
-            return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count, self._epoch)
+            return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count)
         shortest = self._min_prefix * ID_BYTES
         positions: list[int] = []
         nodes: list[RadixNode | None] = []
@@ -297,7 +304,7 @@ class PrefixIndex(PinsMixin):
         self._misses += count - hits
         self._hit_tokens += hit_bytes >> 3
         self._lookup_tokens += len(buffer) >> 3
-        return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes, self._epoch)
+        return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes)
 
     # --- leases --------------------------------------------------------------------------------
 
@@ -310,7 +317,7 @@ class PrefixIndex(PinsMixin):
         if not isinstance(match, PrefixMatch):
             raise InvalidArgument(f"acquire takes a PrefixMatch, got {type(match).__name__}")
         if match.matched_tokens:
-            if match.epoch != self._epoch and not self._still_cached(match):
+            if not self._still_cached(match):
                 raise LeaseError(
                     f"the match of {match.matched_tokens} tokens in namespace {match.namespace!r} "
                     "is stale: its prefix left the cache after the lookup; look it up again"
@@ -322,10 +329,11 @@ class PrefixIndex(PinsMixin):
         return lease
 
     def _still_cached(self, match: PrefixMatch) -> bool:
-        """Whether the tree still holds ``match``'s prefix in the same blocks (nodes were
-        dropped since the lookup; walking the matched tokens again tells)."""
+        """Whether this index still holds ``match``'s prefix in the same blocks: the matched
+        tokens are walked again (a few ``memcmp``), so a match whose prefix was evicted since
+        the lookup, or a match from another index, is refused."""
         root = self._roots.get(match.namespace)
-        if root is None or match.epoch > self._epoch:
+        if root is None:
             return False
         matched = match.matched_tokens * ID_BYTES
         node, pos = descend(root, match.prompt_bytes, 0, matched)
@@ -805,7 +813,6 @@ class PrefixIndex(PinsMixin):
         assert parent is not None
         del parent.children[node.key[:ID_BYTES]]
         self._nodes -= 1
-        self._epoch += 1
         self._evicted_blocks[reason] += freed
         self._evicted_nodes[reason] += 1
         return freed

@@ -32,8 +32,7 @@ class PrefixMatch:
     shared_tokens=matched_tokens)`` does). A miss has ``matched_tokens == 0`` and no blocks.
 
     The blocks are only guaranteed to stay cached while a :class:`Lease` holds them
-    (``PrefixIndex.acquire``). ``epoch`` is the index's eviction count at lookup time, so
-    ``acquire`` can tell whether the prefix may have left the cache since.
+    (``PrefixIndex.acquire``, which checks that the prefix is still cached in these blocks).
     """
 
     namespace: str
@@ -42,7 +41,6 @@ class PrefixMatch:
     block_size: int
     block_bytes: bytes = field(repr=False)
     prompt_bytes: bytes = field(repr=False)
-    epoch: int = field(default=0, repr=False)
 
     @property
     def hit(self) -> bool:
@@ -216,7 +214,7 @@ class MatchBatch(SequenceABC[PrefixMatch]):
     node), so it is the same snapshot :meth:`PrefixIndex.lookup` would have returned.
     """
 
-    __slots__ = ("_block_size", "_bounds", "_buffer", "_epoch", "_nodes", "_positions", "namespace")
+    __slots__ = ("_block_size", "_bounds", "_buffer", "_nodes", "_positions", "namespace")
 
     def __init__(
         self,
@@ -226,7 +224,6 @@ class MatchBatch(SequenceABC[PrefixMatch]):
         bounds: list[int],
         positions: list[int],
         nodes: list[RadixNode | None],
-        epoch: int = 0,
     ) -> None:
         assert len(bounds) == len(positions) + 1 == len(nodes) + 1
         self.namespace = namespace
@@ -235,7 +232,6 @@ class MatchBatch(SequenceABC[PrefixMatch]):
         self._bounds = bounds  # byte offset of each prompt in buffer, plus the end
         self._positions = positions  # byte offset where each prompt's match ends
         self._nodes = nodes
-        self._epoch = epoch
 
     def __len__(self) -> int:
         return len(self._positions)
@@ -256,9 +252,9 @@ class MatchBatch(SequenceABC[PrefixMatch]):
         node = self._nodes[i]
         prompt = self._buffer[start:end]
         if not matched or node is None:
-            return PrefixMatch(self.namespace, 0, total, self._block_size, b"", prompt, self._epoch)
+            return PrefixMatch(self.namespace, 0, total, self._block_size, b"", prompt)
         blocks = node.path_blocks[: -(-matched // self._block_size) * ID_BYTES]
-        return PrefixMatch(self.namespace, matched, total, self._block_size, blocks, prompt, self._epoch)
+        return PrefixMatch(self.namespace, matched, total, self._block_size, blocks, prompt)
 
     @property
     def matched_tokens(self) -> npt.NDArray[np.int64]:

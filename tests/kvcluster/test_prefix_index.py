@@ -199,6 +199,19 @@ def test_acquire_refuses_a_match_whose_prefix_was_evicted(cache: Cache) -> None:
     cache.index.release(empty)
 
 
+def test_acquire_refuses_a_match_from_another_index(cache: Cache) -> None:
+    other = make_cache()
+    other.pool.allocate(1)  # so the same tokens land in other blocks
+    cache.store(range(8))
+    other.store(range(8))
+    foreign = other.index.lookup(np.arange(8))
+    before = snapshot(cache)
+    with pytest.raises(LeaseError):
+        cache.index.acquire(foreign)
+    assert snapshot(cache) == before
+    cache.index.release(cache.index.acquire(cache.index.lookup(np.arange(8))))
+
+
 def test_match_is_an_immutable_snapshot(cache: Cache) -> None:
     cache.store(range(8))
     match = cache.index.lookup(np.arange(10))
