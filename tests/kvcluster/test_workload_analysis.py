@@ -214,3 +214,23 @@ def test_cli_reports_an_unavailable_tokenizer(tmp_path: Path, capsys: pytest.Cap
 def test_cli_reports_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["analyze", str(tmp_path / "missing.jsonl"), "--no-plot"]) == 2
     assert "cannot read the workload" in capsys.readouterr().err
+
+
+def test_cli_text_prompts_with_a_local_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "you": 1, "are": 2, "a": 3, "helpful": 4, "assistant": 5, "hi": 6, "bye": 7}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"you are a helpful assistant {w}"}) + "\n" for w in ("hi", "bye", "hi")))
+    report = tmp_path / "a.json"
+    code = main(["analyze", str(texts), "--tokenizer", str(tmp_path / "tok"), "--no-plot", "--json", str(report),
+                 "--cache-sizes", "64", "--block-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    # 6 tokens each; the second reuses 5, the third all 6.
+    assert (data["total_tokens"], data["unique_tokens"]) == (18, 7)
+    assert data["top_prefixes"][0]["preview"] == [1, 2, 3, 4, 5]
