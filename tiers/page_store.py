@@ -253,6 +253,10 @@ class PageViews(Protocol):
     """
 
     def page_views(self, slots: Sequence[int] | Slots) -> list[torch.Tensor]: ...
+    def host_array(self, slots: Sequence[int] | Slots) -> npt.NDArray[np.uint8] | None:
+        """The whole ``[num_slots, page_bytes]`` storage as a numpy array when it is host
+        memory (after checking that ``slots`` are allocated), else None."""
+        ...
 
 
 @runtime_checkable
@@ -303,6 +307,13 @@ def copy_pages(
         raise InvalidArgument(f"{len(s_ids)} source slots but {len(d_ids)} destination slots")
     if len(s_ids) == 0:
         return
+    if isinstance(src, PageViews) and isinstance(dst, PageViews):
+        src_array, dst_array = src.host_array(s_ids), dst.host_array(d_ids)
+        if src_array is not None and dst_array is not None:
+            # Host to host: one numpy memcpy per run of consecutive slots on both sides.
+            for s_first, d_first, count in _slot_runs(s_ids, d_ids):
+                np.copyto(dst_array[d_first : d_first + count], src_array[s_first : s_first + count])
+            return
     if isinstance(dst, PageViews):
         # Read straight into the destination's memory: one copy (or one DMA / preadv). Media
         # with addressable pages keep no tags, so ``tags`` has nothing to go to.
@@ -314,3 +325,15 @@ def copy_pages(
     staging = torch.empty((len(s_ids), src.page_bytes), dtype=torch.uint8)
     src.read_batch_into(s_ids, list(staging))
     dst.write_batch(d_ids, staging, tags)
+
+
+def _slot_runs(src: Slots, dst: Slots) -> list[tuple[int, int, int]]:
+    """``(src_first, dst_first, count)`` for maximal runs consecutive on both sides."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src.tolist(), dst.tolist()):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            first_s, first_d, count = runs[-1]
+            runs[-1] = (first_s, first_d, count + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs

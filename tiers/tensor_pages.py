@@ -21,6 +21,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from kvcluster.errors import NotFound
@@ -136,6 +138,13 @@ class TensorPages:
         return True
 
     # --- batches -----------------------------------------------------------------------------
+
+    def host_array(self, slots: Sequence[int] | Slots) -> npt.NDArray[np.uint8] | None:
+        """The storage as a numpy array if it is host memory (``slots`` checked), else None."""
+        if self._pages.is_cuda:
+            return None
+        self._slots.check_allocated(as_slots(slots))
+        return self._pages.numpy()
 
     def page_views(self, slots: Sequence[int] | Slots) -> list[torch.Tensor]:
         ids = as_slots(slots)

@@ -164,6 +164,14 @@ def test_reads_and_writes_of_free_slots_are_rejected(tier_factory: TierFactory) 
         tier.read_batch_into([int(slots[1]), int(slots[0])], [page.clone(), page.clone()])
     with pytest.raises(NotFound):
         tier.write_batch([3], page.reshape(1, -1))
+    host = HostTier(2, 4096)
+    into = host.allocate(1)
+    assert into is not None
+    with pytest.raises(NotFound):
+        copy_pages(tier, [int(slots[0])], host, into)  # a batch copy out of a freed slot
+    with pytest.raises(NotFound):
+        copy_pages(host, into, tier, [int(slots[0])])  # and into one
+    host.close()
     assert tier.num_used == 1
 
 
