@@ -64,8 +64,13 @@ class EvictionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ttl_given(self) -> EvictionConfig:
-        if "ttl" in self.policy.split("+") and self.ttl_s is None:
+        has_ttl = "ttl" in self.policy.split("+")
+        if has_ttl and self.ttl_s is None:
             raise ValueError("policy 'ttl' needs ttl_s (seconds, > 0)")
+        if not has_ttl and self.ttl_s is not None:
+            raise ValueError(
+                f"ttl_s is set but policy {self.policy!r} has no ttl; use e.g. '{self.policy}+ttl'"
+            )
         return self
 
 

@@ -73,3 +73,10 @@ def test_default_yaml_lists_exactly_the_schema_defaults() -> None:
 def test_every_shipped_config_loads(path: Path) -> None:
     config = load_config(path, apply_env=False)
     assert config.cache.block_size > 0
+
+
+def test_ttl_seconds_without_a_ttl_policy_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"lru\+ttl"):
+        KVClusterConfig.from_dict({"cache": {"eviction": {"policy": "lru", "ttl_s": 60}}})
+    config = KVClusterConfig.from_dict({"cache": {"eviction": {"policy": "lru+ttl", "ttl_s": 60}}})
+    assert config.cache.eviction.ttl_s == 60
