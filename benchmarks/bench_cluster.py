@@ -27,6 +27,7 @@ import redis
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from benchmarks.bench_table import print_table
 from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.deploy import alive_ray_nodes
@@ -195,10 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    for row in run(args.quick):
-        met = "-" if row["met"] is None else ("yes" if row["met"] else "NO")
-        print(f"{row['name']:<55} {row['value']:>10.2f} {row['unit']:<6} | {row['baseline']}: "
-              f"{row['baseline_value']:.2f}  | {row['target']} {met}")
+    print_table(run(args.quick))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.bench_table import print_table
 from kvcluster.core.block_pool import BlockPool
 from kvcluster.core.kv_engine import PagedKVEngine, SequenceId
 from kvcluster.core.sequence import SequenceState
@@ -301,29 +302,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     rows += bench_utilisation(300 if quick else 2000)
     rows += bench_concurrency()
     return rows
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit == "seqs":
-        return f"{value:,.0f} {unit}"
-    if unit == "B":
-        return f"{value:,.0f} {unit}"
-    return f"{value:,.2f} {unit}" if unit != "%" else f"{value:.3f} %"
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("benchmark", "value", "baseline (same run)", "target", "met")
-    table = [
-        (
-            r["name"], _fmt(r["value"], r["unit"]),
-            f"{_fmt(r['baseline_value'], r['unit'])}  {r['baseline']}",
-            r["target"], "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
-        )
-        for r in rows
-    ]
-    widths = [max(len(str(row[i])) for row in (header, *table)) for i in range(len(header))]
-    for row in (header, tuple("-" * w for w in widths), *table):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 def main() -> None:

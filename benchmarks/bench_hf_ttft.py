@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import kvcluster
+from benchmarks.bench_table import print_table
 from kvcluster.config import KVClusterConfig
 from kvcluster.integrations.hf import generate, model_spec_from_hf
 
@@ -164,25 +165,6 @@ def _run(quick: bool) -> list[Row]:
         return rows
     finally:
         client.close()
-
-
-def _fmt(value: float, unit: str) -> str:
-    return f"{value:,.3f} {unit}" if unit == "x" else f"{value:,.1f} {unit}"
-
-
-def print_table(rows: list[Row]) -> None:
-    header = ("benchmark", "value", "baseline (same run)", "target", "met")
-    table = [
-        (
-            r["name"], _fmt(r["value"], r["unit"]),
-            f"{_fmt(r['baseline_value'], r['unit'])}  {r['baseline']}",
-            r["target"], "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
-        )
-        for r in rows
-    ]
-    widths = [max(len(str(row[i])) for row in (header, *table)) for i in range(len(header))]
-    for row in (header, tuple("-" * w for w in widths), *table):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 def main() -> None:

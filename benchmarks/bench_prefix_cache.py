@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from benchmarks.bench_table import print_table
 from kvcluster.core.block_pool import BlockPool
 from kvcluster.core.prefix_index import PrefixIndex
 from kvcluster.core.workload_analysis import analyze_workload
@@ -249,24 +250,6 @@ def run(quick: bool = False, trace: str | Path | None = None) -> list[Row]:
     path = Path(trace) if trace is not None else (SHARED_TRACE if SHARED_TRACE.exists() else SAMPLE_TRACE)
     rows += bench_analysis(path, 300 if quick and path == SHARED_TRACE else None, 1 if quick else 2)
     return rows
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit == "us":
-        return f"{value:,.1f} us"
-    return f"{value:,.0f} {unit}"
-
-
-def print_table(rows: list[Row]) -> None:
-    header = ("benchmark", "value", "baseline (same run)", "target", "met")
-    table = [
-        (r["name"], _fmt(r["value"], r["unit"]), f"{_fmt(r['baseline_value'], r['unit'])}  {r['baseline']}",
-         r["target"], "-" if r["met"] is None else ("yes" if r["met"] else "NO"))
-        for r in rows
-    ]
-    widths = [max(len(str(row[i])) for row in (header, *table)) for i in range(len(header))]
-    for row in (header, tuple("-" * w for w in widths), *table):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 def main() -> None:

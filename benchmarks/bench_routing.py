@@ -45,6 +45,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from benchmarks.bench_table import print_table
 from routing.block_hashing import BlockHashArray, BlockHasher
 from routing.config import RegistryConfig
 from routing.redis_registry import RedisPrefixRegistry
@@ -283,26 +284,6 @@ def run(quick: bool = False, trace: Path | None = DEFAULT_TRACE) -> list[Row]:
         rows += bench_lookup(port, quick)
         rows += bench_memory(port, quick)
     return rows
-
-
-def print_table(rows: list[Row]) -> None:
-    def fmt(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
-        return f"{value:,}" if isinstance(value, int) else str(value)
-
-    table = [("figure", "value", "baseline (same run)", "target", "met")]
-    for row in rows:
-        baseline = ""
-        if row.get("baseline") is not None:
-            value = row.get("baseline_value")
-            baseline = (f"{fmt(value)} {row.get('unit', '')} " if value is not None else "") + f"({row['baseline']})"
-        met = row.get("met")
-        table.append((row["name"], f"{fmt(row['value'])} {row.get('unit', '')}".strip(), baseline,
-                      str(row.get("target", "")), "" if met is None else ("yes" if met else "NO")))
-    widths = [max(len(r[i]) for r in table) for i in range(5)]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def main() -> None:

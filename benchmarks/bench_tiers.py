@@ -134,18 +134,32 @@ class RawDisk:
 
 
 def nvme_spill_and_load(directory: Path, pages: int, repeats: int, direct: bool) -> dict[str, float]:
-    """GB/s of the tier's spill and load and of the raw disk at the same parallelism
-    (``io_threads`` streams), rounds interleaved so a neighbour's I/O burst hits both alike."""
+    """GB/s (medians of interleaved rounds) of: the raw disk at the tier's parallelism
+    (``io_threads`` streams); the NVMe tier's batch spill and load; ``TieredStore.demote`` and
+    ``prefetch`` of the same pages over a host and an NVMe tier, two requests at a time so both
+    migration threads work. Interleaving matters: this VM disk's bandwidth drifts by 2x within
+    a minute (burst credits), so figures taken one after the other are not comparable."""
     nbytes = pages * PAGE
     raw = RawDisk(directory, nbytes, direct)
     host = HostTier(pages, PAGE)
     nvme = NvmeTier([directory], pages, PAGE, o_direct="auto", io_threads=IO_THREADS, recover=False)
+    store_nvme = NvmeTier(
+        [directory], pages, PAGE, o_direct="auto", io_threads=IO_THREADS, recover=False, file_stem="bench-store"
+    )
+    store = TieredStore(
+        [HostTier(pages, PAGE), store_nvme], high_watermark=1.0, low_watermark=1.0,
+        batch_pages=BATCH_PAGES, migration_threads=2,
+    )
     try:
         host_slots = host.allocate(pages)
         nvme_slots = nvme.allocate(pages)
         assert host_slots is not None and nvme_slots is not None
-        host.write_batch(host_slots, _random_pages(pages))
+        data = _random_pages(pages)
+        host.write_batch(host_slots, data)
         tags = list(range(pages))
+        for key in tags:
+            store.put(key, data[key])
+        halves = (tags[: pages // 2], tags[pages // 2 :])
 
         def spill() -> float:
             start = time.perf_counter()
@@ -162,49 +176,30 @@ def nvme_spill_and_load(directory: Path, pages: int, repeats: int, direct: bool)
                 copy_pages(nvme, nvme_slots[part], host, host_slots[part])
             return time.perf_counter() - start
 
-        rounds: dict[str, list[float]] = {"raw_write": [], "spill": [], "raw_read": [], "load": []}
+        def store_move(move: Callable[[list[int]], Any]) -> float:
+            start = time.perf_counter()
+            moved = sum(len(f.result().moved) for f in [move(half) for half in halves])
+            store_nvme.flush()  # a demotion counts once durable
+            elapsed = time.perf_counter() - start
+            assert moved == pages, f"only {moved} of {pages} pages moved"
+            return elapsed
+
+        rounds: dict[str, list[float]] = {
+            k: [] for k in ("raw_write", "spill", "demote", "raw_read", "load", "prefetch")
+        }
         for _ in range(repeats):
             rounds["raw_write"].append(raw.run(True, IO_THREADS))
             rounds["spill"].append(spill())
+            rounds["demote"].append(store_move(store.demote))
             rounds["raw_read"].append(raw.run(False, IO_THREADS))
             rounds["load"].append(load())
+            rounds["prefetch"].append(store_move(store.prefetch))
     finally:
         raw.close()
         host.close()
         nvme.close()
-    # Medians of interleaved rounds: this disk's bandwidth drifts by 2x within a minute (a
-    # shared VM), and a median is not a lucky draw for either side.
-    return {key: _gbps(nbytes, float(np.median(seconds))) for key, seconds in rounds.items()}
-
-
-def store_demote_and_prefetch(directory: Path, pages: int, repeats: int) -> tuple[float, float]:
-    """Median GB/s of ``TieredStore.demote`` (host -> NVMe) and ``prefetch`` (NVMe -> host) of
-    every page, two requests at a time so both migration threads work."""
-    host = HostTier(pages, PAGE)
-    nvme = NvmeTier([directory], pages, PAGE, o_direct="auto", io_threads=IO_THREADS, recover=False)
-    store = TieredStore([host, nvme], high_watermark=1.0, low_watermark=1.0, batch_pages=BATCH_PAGES, migration_threads=2)
-    keys = list(range(pages))
-    halves = (keys[: pages // 2], keys[pages // 2 :])
-
-    def timed(move: Callable[[list[int]], Any]) -> float:
-        start = time.perf_counter()
-        moved = sum(len(f.result().moved) for f in [move(half) for half in halves])
-        nvme.flush()  # a demotion counts once durable (the group commit would do it soon)
-        elapsed = time.perf_counter() - start
-        assert moved == pages, f"only {moved} of {pages} pages moved"
-        return elapsed
-
-    try:
-        data = _random_pages(pages, seed=1)
-        for key in keys:
-            store.put(key, data[key])
-        demotes, prefetches = [], []
-        for _ in range(repeats):
-            demotes.append(timed(store.demote))
-            prefetches.append(timed(store.prefetch))
-    finally:
         store.close()
-    return _gbps(pages * PAGE, float(np.median(demotes))), _gbps(pages * PAGE, float(np.median(prefetches)))
+    return {key: _gbps(nbytes, float(np.median(seconds))) for key, seconds in rounds.items()}
 
 
 # --- CPU page copies -------------------------------------------------------------------------
@@ -392,7 +387,6 @@ def run(quick: bool = False, directory: Path | None = None, mib: int | None = No
         direct = probe_o_direct(scratch) is None
         mode = "O_DIRECT" if direct else "buffered (no O_DIRECT here)"
         nvme = nvme_spill_and_load(scratch, pages, repeats, direct)
-        demote, prefetch = store_demote_and_prefetch(scratch, pages, repeats)
         raw_name = f"raw sequential {mode} {{}}, 8 MiB blocks, {IO_THREADS} streams, median of {repeats} interleaved rounds"
         for name, key, base, what in (
             (f"CPU->NVMe spill, {PAGE >> 20} MiB pages, batches of {BATCH_PAGES}, flushed", "spill", "raw_write", "write"),
@@ -400,8 +394,8 @@ def run(quick: bool = False, directory: Path | None = None, mib: int | None = No
         ):
             value, baseline = nvme[key], nvme[base]
             rows.append(_row(name, value, "GB/s", raw_name.format(what), baseline, ">= 80% of raw", value >= 0.8 * baseline))
-        rows.append(_row("CPU->NVMe TieredStore.demote (2 requests)", demote, "GB/s", raw_name.format("write"), nvme["raw_write"], "-", None))
-        rows.append(_row("NVMe->CPU TieredStore.prefetch (2 requests)", prefetch, "GB/s", raw_name.format("read"), nvme["raw_read"], "-", None))
+        rows.append(_row("CPU->NVMe TieredStore.demote (2 requests)", nvme["demote"], "GB/s", raw_name.format("write"), nvme["raw_write"], "-", None))
+        rows.append(_row("NVMe->CPU TieredStore.prefetch (2 requests)", nvme["prefetch"], "GB/s", raw_name.format("read"), nvme["raw_read"], "-", None))
 
         copies = cpu_page_copies(pages, repeats)
         for name, key in (("host->device-standin", "host_to_device"), ("device-standin->host", "device_to_host")):
