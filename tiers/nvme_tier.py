@@ -8,7 +8,7 @@ I/O
     Files are opened with ``O_DIRECT`` where the filesystem allows it (probed at open with an
     aligned write and read; ``o_direct="auto"`` falls back to buffered I/O and logs why). A batch
     is sorted by file and slot, cut into runs of consecutive slots and then into about
-    ``io_threads`` equal chunks of at most ``chunk_bytes``; each chunk is one ``pwritev`` or
+    ``2 * io_threads`` equal chunks of at most ``chunk_bytes``; each chunk is one ``pwritev`` or
     ``preadv`` run by one of the ``io_threads`` threads (the calls release the GIL). A page whose memory is 4096-aligned and whose size is a
     multiple of 4096 (pages of the host tier) is written from, or read into, its own memory with
     no copy; other pages go through a per-thread aligned staging buffer.
@@ -638,10 +638,11 @@ class NvmeTier:
         return arena
 
     def _plan(self, ids: Slots) -> list[_Chunk]:
-        """Chunks of consecutive local slots per file. A batch is cut into about ``io_threads``
-        equal chunks (so the threads finish together), none longer than ``chunk_bytes``."""
+        """Chunks of consecutive local slots per file. A batch is cut into about
+        ``2 * io_threads`` equal chunks (so one chunk's checksums overlap another's transfer
+        and the threads finish together), none longer than ``chunk_bytes``."""
         count = len(self._files)
-        limit = min(self._pages_per_chunk, max(1, -(-len(ids) // self._io_threads)))
+        limit = min(self._pages_per_chunk, max(1, -(-len(ids) // (2 * self._io_threads))))
         order = sorted(range(len(ids)), key=lambda i: (int(ids[i]) % count, int(ids[i]) // count))
         chunks: list[_Chunk] = []
         for i in order:
