@@ -9,9 +9,10 @@ I/O
     aligned write and read; ``o_direct="auto"`` falls back to buffered I/O and logs why). A batch
     is sorted by file and slot, cut into runs of consecutive slots and then into about
     ``2 * io_threads`` equal chunks of at most ``chunk_bytes``; each chunk is one ``pwritev`` or
-    ``preadv`` run by one of the ``io_threads`` threads (the calls release the GIL). A page whose memory is 4096-aligned and whose size is a
-    multiple of 4096 (pages of the host tier) is written from, or read into, its own memory with
-    no copy; other pages go through a per-thread aligned staging buffer.
+    ``preadv`` run by one of the ``io_threads`` threads (the calls release the GIL). A page
+    whose memory is 4096-aligned and whose size is a multiple of 4096 (pages of the host tier)
+    is written from, or read into, its own memory with no copy; other pages go through a
+    per-thread aligned staging buffer.
 
 Integrity
     Every page carries an xxh3_64 checksum in its slot header, verified on every read against
