@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.bench_table import print_table
 from tiers.device_tier import DeviceTier
 from tiers.host_tier import HostTier
 from tiers.nvme_tier import NvmeTier, probe_o_direct
@@ -429,20 +430,6 @@ def run(quick: bool = False, directory: Path | None = None, mib: int | None = No
                 f"one {total >> 20} MiB pinned copy (PCIe)", base, ">= 80% of PCIe", gpu[key] >= 0.8 * base,
             ))
     return rows
-
-
-def print_table(rows: list[Row]) -> None:
-    header = ("figure", "value", "baseline (same run)", "target", "met")
-    lines = [header]
-    for row in rows:
-        met = "-" if row["met"] is None else ("yes" if row["met"] else "NO")
-        lines.append((
-            row["name"], f"{row['value']:.3f} {row['unit']}",
-            f"{row['baseline_value']:.3f} {row['unit']} ({row['baseline']})", row["target"], met,
-        ))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
 
 
 def main() -> None:
