@@ -315,7 +315,8 @@ class Router:
                     + f", {inflight[chosen]} in flight"
                 )
         else:
-            chosen = self._least_loaded_on_ring(fallback_key, live, eligible, inflight)
+            reported = {n: info.load.inflight_requests for n, info in live.items()}
+            chosen = self._least_loaded_on_ring(fallback_key, live, eligible, reported)
             fallback = "no_match"
             self._no_match += 1
             held = holdings.get(chosen)
@@ -346,12 +347,14 @@ class Router:
     def _least_loaded_on_ring(
         self, key: int, live: Iterable[str], eligible: Container[str], inflight: dict[str, int]
     ) -> str:
-        """The first eligible node in the ring order of ``key`` (the prefix's home), unless it
-        is clearly busier than the least loaded of the first ``fallback_choices``: then that
-        one. "Clearly" (at least twice the load, plus two requests) keeps the choice sticky
-        while loads are similar, so the same prefix keeps landing on the same node (its later
-        requests find what the first one stored, even before the registry indexes it), yet
-        one busy node does not take every new prefix that hashes to it."""
+        """The least loaded of the first ``fallback_choices`` eligible nodes in the ring order
+        of ``key`` (ties: ring order, so the first is the prefix's home). ``inflight`` here is
+        what the nodes reported in their last heartbeat, not this router's own count of
+        requests sent since: that count grows with every request, so a prefix's second
+        request would leave the node its first one just stored on. Heartbeat loads change
+        once per interval, so a prefix keeps its node between them (its later requests find
+        what the first stored, even before the registry indexes it), yet one busy node does
+        not take every new prefix that hashes to it."""
         choices = []
         for node in self._ring_for(live).walk(key):
             if node in eligible:
@@ -359,9 +362,7 @@ class Router:
                 if len(choices) == self._config.fallback_choices:
                     break
         assert choices, "the ring holds every live node and at least one is eligible"
-        home = choices[0]
-        lightest = min(choices, key=lambda n: inflight[n])
-        return lightest if inflight[home] >= 2 * inflight[lightest] + 2 else home
+        return min(choices, key=lambda n: inflight[n])
 
     def _ring_for(self, nodes: Iterable[str]) -> HashRing:
         key = frozenset(nodes)

@@ -359,3 +359,18 @@ def test_concurrent_routing_keeps_counts() -> None:
     assert len(picks) == 400 and cluster.router.stats().routed == 400
     # bounded loads hold under concurrency: ceil(1.25 * 400 / 4) = 125
     assert max(Counter(picks).values()) <= 125
+
+
+def test_an_unindexed_prompt_keeps_its_node_between_heartbeats() -> None:
+    # Nothing holds the prompt yet (or it is shorter than the registry's stride): its later
+    # requests must land where the first one went, although that node now has more requests
+    # routed to it than the others.
+    cluster = Cluster(["a", "b", "c", "d"])
+    for node in "abcd":
+        cluster.load(node, 0)
+    chain = HASHER.hash_chain(tokens(42))
+    first = cluster.router.route_hashes(chain).node_id
+    assert [cluster.router.route_hashes(chain).node_id for _ in range(5)] == [first] * 5
+    # A heartbeat that reports the home node busy moves new requests to the next candidate.
+    cluster.load(first, 8)
+    assert cluster.router.route_hashes(chain).node_id != first
