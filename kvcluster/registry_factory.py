@@ -29,7 +29,7 @@ class RemoteRegistry:
         index_stride: int,
         *,
         live_nodes_refresh_s: float = 0.25,
-        timeout_s: float = 5.0,
+        timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._actor = actor
