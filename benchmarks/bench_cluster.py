@@ -27,7 +27,7 @@ import redis
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from benchmarks.bench_table import print_table
+from benchmarks.report_table import print_table
 from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.deploy import alive_ray_nodes

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_table import print_table
+from benchmarks.report_table import print_table
 from kvcluster.core.block_pool import BlockPool
 from kvcluster.core.kv_engine import PagedKVEngine, SequenceId
 from kvcluster.core.sequence import SequenceState

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import kvcluster
-from benchmarks.bench_table import print_table
+from benchmarks.report_table import print_table
 from kvcluster.config import KVClusterConfig
 from kvcluster.integrations.hf import generate, model_spec_from_hf
 

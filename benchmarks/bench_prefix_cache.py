@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from benchmarks.bench_table import print_table
+from benchmarks.report_table import print_table
 from kvcluster.core.block_pool import BlockPool
 from kvcluster.core.prefix_index import PrefixIndex
 from kvcluster.core.workload_analysis import analyze_workload

@@ -45,7 +45,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from benchmarks.bench_table import print_table
+from benchmarks.report_table import print_table
 from routing.block_hashing import BlockHashArray, BlockHasher
 from routing.config import RegistryConfig
 from routing.redis_registry import RedisPrefixRegistry

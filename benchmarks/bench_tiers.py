@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_table import print_table
+from benchmarks.report_table import print_table
 from tiers.device_tier import DeviceTier
 from tiers.host_tier import HostTier
 from tiers.nvme_tier import NvmeTier, probe_o_direct
