@@ -80,6 +80,15 @@ class _BlockKey:
     namespace: str
 
 
+@dataclass(slots=True)
+class _PendingSpill:
+    """An evicted block's page, copied out of the pool, waiting to be written to a tier."""
+
+    key: _BlockKey
+    tokens: TokenArray
+    page: torch.Tensor
+
+
 def default_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -143,6 +152,7 @@ class NodeEngine:
         # Full device blocks and the chain hash of the prefix they end, so an evicted block
         # can be demoted (or unregistered) under the key the registry knows it by.
         self._block_keys: dict[int, _BlockKey] = {}
+        self._pending_spills: list[_PendingSpill] = []
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
                           "migrations_in": 0, "migrations_out": 0}
         self._publisher = RegistryPublisher(
@@ -305,7 +315,7 @@ class NodeEngine:
             finally:
                 self._engine.free(seq)
             published = self._register_blocks(token_ids, block_table, namespace)
-        self._publisher.flush()
+        self._finish()
         return StoreReply(self.node_id, namespace, inserted.cached_tokens + inserted.new_tokens,
                           inserted.new_tokens, published)
 
@@ -324,24 +334,42 @@ class NodeEngine:
         return int(hashes.size)
 
     def _on_evict(self, evicted: EvictedBlock) -> None:
-        """Demote an evicted full block to the spill tiers, or unregister it."""
+        """Queue an evicted full block for demotion to the spill tiers, or unregister it.
+
+        Runs under ``_lock`` inside an allocation: the page is copied now (the block is reused
+        as soon as this returns), but the tier writes wait for :meth:`_finish`, after the lock
+        is released, so an eviction of a long prefix never stalls the node's other calls.
+        """
         key = self._block_keys.pop(evicted.block_id, None)
         if key is None:
             return  # a partial block: never registered, nothing to keep
-        tier = None
         if self._spill is not None and evicted.end - evicted.start == self._block_size:
-            page = self._engine.pages.pages[evicted.block_id].reshape(-1).view(torch.uint8).cpu()
-            tier = self._spill.spill(
-                key.block_hash, key.namespace, evicted.tokens,
-                page, family=key.family, position=key.position,
+            page = self._engine.pages.pages[evicted.block_id].reshape(-1).view(torch.uint8)
+            self._pending_spills.append(
+                _PendingSpill(key, evicted.tokens.copy(), page.to("cpu", copy=True))
             )
-        if tier is None:
-            event = BlockEvent.removed([key.block_hash], first_position=key.position,
-                                       family=key.family, namespace=key.namespace)
-        else:
-            event = BlockEvent.moved([key.block_hash], _TIERS[tier], first_position=key.position,
-                                     family=key.family, namespace=key.namespace)
-        self._publisher.add(event)
+            return
+        self._publisher.add(BlockEvent.removed(
+            [key.block_hash], first_position=key.position, family=key.family, namespace=key.namespace
+        ))
+
+    def _finish(self) -> None:
+        """After a call released ``_lock``: write queued spills, then publish the events."""
+        with self._lock:
+            pending, self._pending_spills = self._pending_spills, []
+        for item in pending:
+            assert self._spill is not None
+            key = item.key
+            tier = self._spill.spill(key.block_hash, key.namespace, item.tokens, item.page,
+                                     family=key.family, position=key.position)
+            if tier is None:
+                event = BlockEvent.removed([key.block_hash], first_position=key.position,
+                                           family=key.family, namespace=key.namespace)
+            else:
+                event = BlockEvent.moved([key.block_hash], _TIERS[tier], first_position=key.position,
+                                         family=key.family, namespace=key.namespace)
+            self._publisher.add(event)
+        self._publisher.flush()
 
     # --- migration ---------------------------------------------------------------------------
 
@@ -377,7 +405,7 @@ class NodeEngine:
             self._leases.expire()
             self._index.evict_expired()
             self._index.enforce_memory_budget()
-        self._publisher.flush()
+        self._finish()
 
     def _all_held_blocks(self) -> list[BlockEvent]:
         """Stored events for every block held, for a re-announce after a registry restart."""

@@ -106,6 +106,9 @@ class SpillStore:
         key = tier_key(block_hash)
         record = SpilledBlock(block_hash, family, position, namespace,
                               tokens.astype(np.int64).tobytes())
+        existing = self._store.location(key)
+        if existing is not None and key in self._blocks:
+            return existing  # the same block was spilled before and is still kept
         try:
             tier = self._store.put(key, page)
         except KVClusterError as exc:  # capacity or I/O: the block is simply not kept
