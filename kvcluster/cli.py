@@ -1,5 +1,9 @@
 """The ``kvcluster`` command line. Each subcommand lives in ``kvcluster/commands/<name>.py``
-and exposes ``register(subparsers)`` (adds its parser and sets ``handler``)."""
+and exposes ``register(subparsers)`` (adds its parser and sets ``handler``).
+
+Handlers import what they run (Ray, torch, the node engine) when they are called, not when
+the parser is built, so ``kvcluster --help`` and a mistyped command answer at once.
+"""
 
 from __future__ import annotations
 

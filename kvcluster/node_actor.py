@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+
 from kvcluster.config import KVClusterConfig
 from kvcluster.kv_payload import KVPayload
 from kvcluster.metrics import InstrumentedNode, NodeMetrics
@@ -53,8 +55,6 @@ class NodeActor:
 
     def ray_node_id(self) -> str:
         """The Ray node this actor runs on (placement checks)."""
-        import ray
-
         return str(ray.get_runtime_context().get_node_id())
 
     def load(self) -> NodeLoad:

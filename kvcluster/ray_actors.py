@@ -14,6 +14,9 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from kvcluster.node_actor import NodeActor
+from routing.memory_registry import InMemoryRegistry
+
 NODE_ACTOR_PREFIX = "kvnode:"
 REGISTRY_ACTOR_NAME = "kvregistry"
 
@@ -34,8 +37,6 @@ def create_node_actor(
 
     Idempotent: ``get_if_exists`` returns the live actor of that name instead of a second one.
     """
-    from kvcluster.node_actor import NodeActor
-
     actor_cls = ray.remote(NodeActor)
     return actor_cls.options(  # type: ignore[attr-defined]
         name=node_actor_name(node_id),
@@ -51,8 +52,6 @@ def create_node_actor(
 
 def create_registry_actor(*, namespace: str, init_args: tuple[Any, ...]) -> Any:
     """The embedded registry in a Ray actor, for a multi-node cluster with no Redis."""
-    from routing.memory_registry import InMemoryRegistry
-
     actor_cls = ray.remote(InMemoryRegistry)
     return actor_cls.options(  # type: ignore[attr-defined]
         name=REGISTRY_ACTOR_NAME,
