@@ -254,9 +254,11 @@ class NodeEngine:
         """
         with self._lock:
             hold = self._leases.get(lease_id, namespace).hold
+            # read_tokens gathers into new memory (never a view of the pages), so the result
+            # stays valid after the lock is released and the blocks are reused.
             device_kv = self._engine.pages.read_tokens(
                 hold.device_match.block_ids, 0, hold.device_tokens
-            ).clone()
+            )
         if not hold.spill_keys:
             return KVPayload.from_tensor(device_kv)
         parts = [device_kv, *self._read_spilled(hold.spill_keys)]
