@@ -90,6 +90,7 @@ from tiers.page_store import (
     PageBatch,
     SlotFreeStack,
     Slots,
+    SlotsDelegate,
     TierStats,
     as_slots,
     check_batch,
@@ -159,7 +160,7 @@ class _Expected:
     checksum: int
 
 
-class NvmeTier:
+class NvmeTier(SlotsDelegate):
     """``num_slots`` page slots spread over one file per directory in ``paths``."""
 
     medium = "nvme"
@@ -341,23 +342,6 @@ class NvmeTier:
 
     # --- allocation --------------------------------------------------------------------------
 
-    @property
-    def num_slots(self) -> int:
-        return self._slots.num_slots
-
-    @property
-    def num_free(self) -> int:
-        return self._slots.num_free
-
-    @property
-    def num_used(self) -> int:
-        return self._slots.num_used
-
-    def allocate(self, n: int) -> Slots | None:
-        return self._slots.allocate(n)
-
-    def is_allocated(self, slot: int) -> bool:
-        return self._slots.is_allocated(slot)
 
     def free(self, slots: Sequence[int] | Slots) -> None:
         """Free ``slots``. In memory only, so callers may hold their own locks.

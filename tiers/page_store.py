@@ -199,6 +199,38 @@ class SlotFreeStack:
 # --- capabilities ---------------------------------------------------------------------------
 
 
+class SlotsDelegate:
+    """The allocation half of a page store, served by its ``_slots`` free stack.
+
+    Every medium allocates the same way (an O(1) :class:`SlotFreeStack`); only how pages are
+    read and written differs, so the media share these methods instead of repeating them.
+    A medium that must do more when slots are freed overrides :meth:`free`.
+    """
+
+    _slots: SlotFreeStack
+
+    @property
+    def num_slots(self) -> int:
+        return self._slots.num_slots
+
+    @property
+    def num_free(self) -> int:
+        return self._slots.num_free
+
+    @property
+    def num_used(self) -> int:
+        return self._slots.num_used
+
+    def allocate(self, n: int) -> Slots | None:
+        return self._slots.allocate(n)
+
+    def free(self, slots: Sequence[int] | Slots) -> None:
+        self._slots.free(slots)
+
+    def is_allocated(self, slot: int) -> bool:
+        return self._slots.is_allocated(slot)
+
+
 @runtime_checkable
 class SlotAllocator(Protocol):
     """O(1) allocation of page slots. Thread-safe in every implementation."""

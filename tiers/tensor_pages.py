@@ -31,6 +31,7 @@ from tiers.page_store import (
     PageBatch,
     SlotFreeStack,
     Slots,
+    SlotsDelegate,
     TierStats,
     as_slots,
     check_batch,
@@ -41,7 +42,7 @@ from tiers.page_store import (
 logger = logging.getLogger(__name__)
 
 
-class TensorPages:
+class TensorPages(SlotsDelegate):
     """Page slots in ``storage`` (a ``[num_slots, page_bytes]`` uint8 tensor, any device)."""
 
     medium = "memory"
@@ -75,26 +76,6 @@ class TensorPages:
     def device(self) -> torch.device:
         return self._pages.device
 
-    @property
-    def num_slots(self) -> int:
-        return self._slots.num_slots
-
-    @property
-    def num_free(self) -> int:
-        return self._slots.num_free
-
-    @property
-    def num_used(self) -> int:
-        return self._slots.num_used
-
-    def allocate(self, n: int) -> Slots | None:
-        return self._slots.allocate(n)
-
-    def free(self, slots: Sequence[int] | Slots) -> None:
-        self._slots.free(slots)
-
-    def is_allocated(self, slot: int) -> bool:
-        return self._slots.is_allocated(slot)
 
     # --- single pages ------------------------------------------------------------------------
 
