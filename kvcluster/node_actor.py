@@ -79,6 +79,10 @@ class NodeActor:
     def import_prefix(self, tokens: Any, payload: KVPayload | None, namespace: str = "default") -> StoreReply:
         return self._node.import_prefix(tokens_from_wire(tokens), payload, namespace)
 
+    def drain_spills(self) -> bool:
+        self._engine.drain_spills(timeout_s=60)
+        return True
+
     def stats(self) -> NodeStats:
         return self._engine.stats()
 

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +154,8 @@ class NodeEngine:
         # can be demoted (or unregistered) under the key the registry knows it by.
         self._block_keys: dict[int, _BlockKey] = {}
         self._pending_spills: list[_PendingSpill] = []
+        # One thread, so spills are written in eviction order and drain_spills() is a barrier.
+        self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
                           "migrations_in": 0, "migrations_out": 0}
         self._publisher = RegistryPublisher(
@@ -356,11 +359,21 @@ class NodeEngine:
         ))
 
     def _finish(self) -> None:
-        """After a call released ``_lock``: write queued spills, then publish the events."""
+        """After a call released ``_lock``: hand queued spills to the spill writer, publish.
+
+        The tier writes of a long evicted prefix (thousands of pages) run on the writer thread,
+        so the call that caused the eviction returns without waiting for them; the moved-tier
+        events follow when each batch is written.
+        """
         with self._lock:
             pending, self._pending_spills = self._pending_spills, []
+        if pending:
+            self._spill_writer.submit(self._write_spills, pending)
+        self._publisher.flush()
+
+    def _write_spills(self, pending: list[_PendingSpill]) -> None:
+        assert self._spill is not None
         for item in pending:
-            assert self._spill is not None
             key = item.key
             tier = self._spill.spill(key.block_hash, key.namespace, item.tokens, item.page,
                                      family=key.family, position=key.position)
@@ -372,6 +385,10 @@ class NodeEngine:
                                          family=key.family, namespace=key.namespace)
             self._publisher.add(event)
         self._publisher.flush()
+
+    def drain_spills(self, timeout_s: float | None = None) -> None:
+        """Wait until every eviction queued so far is written to the spill tiers."""
+        self._spill_writer.submit(lambda: None).result(timeout=timeout_s)
 
     # --- migration ---------------------------------------------------------------------------
 
@@ -465,6 +482,7 @@ class NodeEngine:
         self._publisher.stop()
         with self._lock:
             self._leases.release_all()
+        self._spill_writer.shutdown(wait=True)
         if self._spill is not None:
             self._spill.close()
 

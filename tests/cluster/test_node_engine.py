@@ -157,6 +157,7 @@ def test_leased_blocks_survive_pressure_and_evicted_blocks_spill(
     # The leased prefix stayed on the device; the victim was demoted to the host tier.
     assert torch.equal(node.fetch(reply.lease_id).to_tensor(), kv_model.kv(leased))
     node.release(reply.lease_id)
+    node.drain_spills()  # evicted pages are written to the host tier by the spill writer
     spilled = node.lookup(victim)
     assert spilled.blocks_per_tier.get("cpu", 0) > 0
     assert spilled.matched_tokens == victim.size
@@ -173,6 +174,7 @@ def test_store_promotes_a_spilled_prefix(node: NodeEngine, kv_model: SyntheticKV
     store_all(node, kv_model, first)
     for i in range(12):
         store_all(node, kv_model, np.arange(160) + 26000 + 200 * i)
+    node.drain_spills()
     reply = node.lookup(np.concatenate([first, [7, 8, 9]]))
     assert reply.blocks_per_tier.get("cpu", 0) == 6
     full = np.concatenate([first, np.arange(30)])
