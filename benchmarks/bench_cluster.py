@@ -165,12 +165,15 @@ def bench_throughput(client: KVClient, config: KVClusterConfig, seconds: float) 
     torch.set_num_threads(1)
     try:
         single = drive(1)
+        failures_before = client.router.stats().registry_failures
         many = drive(128)
+        registry_failures = client.router.stats().registry_failures - failures_before
     finally:
         torch.set_num_threads(torch_threads)
     return [{"name": "requests/s, 128 client threads (route+fetch+store)", "value": many, "unit": "req/s",
              "baseline": "1 client thread", "baseline_value": single,
-             "target": "zero errors" + (f" ({len(errors)} seen, first: {errors[0]!r:.120})" if errors else ""),
+             "target": "zero errors" + (f" ({len(errors)} seen, first: {errors[0]!r:.120})" if errors else "")
+             + f"; router saw {registry_failures} registry failures",
              "met": not errors}]
 
 
