@@ -80,6 +80,14 @@ class _BlockKey:
     position: int
     namespace: str
 
+    def event(self, tier: str | None) -> BlockEvent:
+        """The block moved to ``tier`` (a spill tier's name), or removed when ``None``."""
+        if tier is None:
+            return BlockEvent.removed([self.block_hash], first_position=self.position,
+                                      family=self.family, namespace=self.namespace)
+        return BlockEvent.moved([self.block_hash], _TIERS[tier], first_position=self.position,
+                                family=self.family, namespace=self.namespace)
+
 
 @dataclass(slots=True)
 class _PendingSpill:
@@ -354,9 +362,7 @@ class NodeEngine:
                 _PendingSpill(key, evicted.tokens.copy(), page.to("cpu", copy=True))
             )
             return
-        self._publisher.add(BlockEvent.removed(
-            [key.block_hash], first_position=key.position, family=key.family, namespace=key.namespace
-        ))
+        self._publisher.add(key.event(None))
 
     def _finish(self) -> None:
         """After a call released ``_lock``: hand queued spills to the spill writer, publish.
@@ -377,13 +383,7 @@ class NodeEngine:
             key = item.key
             tier = self._spill.spill(key.block_hash, key.namespace, item.tokens, item.page,
                                      family=key.family, position=key.position)
-            if tier is None:
-                event = BlockEvent.removed([key.block_hash], first_position=key.position,
-                                           family=key.family, namespace=key.namespace)
-            else:
-                event = BlockEvent.moved([key.block_hash], _TIERS[tier], first_position=key.position,
-                                         family=key.family, namespace=key.namespace)
-            self._publisher.add(event)
+            self._publisher.add(key.event(tier))
         self._publisher.flush()
 
     def drain_spills(self, timeout_s: float | None = None) -> None:

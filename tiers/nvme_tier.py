@@ -717,18 +717,9 @@ class NvmeTier(SlotsDelegate):
 
     def stats(self) -> TierStats:
         with self._lock:
-            used = self.num_used
-            return TierStats(
-                name=self.name,
-                medium=self.medium,
-                page_bytes=self.page_bytes,
-                pages_total=self.num_slots,
-                pages_used=used,
-                pages_free=self.num_slots - used,
-                bytes_used=used * self.page_bytes,
-                bytes_capacity=self.num_slots * self.page_bytes,
-                checksum_failures=self._checksum_failures,
-                io_errors=self._io_errors,
+            return self._slot_stats(
+                self.name, self.medium, self.page_bytes,
+                checksum_failures=self._checksum_failures, io_errors=self._io_errors,
                 io_mode=getattr(self, "io_mode", "closed"),
             )
 

@@ -230,6 +230,21 @@ class SlotsDelegate:
     def is_allocated(self, slot: int) -> bool:
         return self._slots.is_allocated(slot)
 
+    def _slot_stats(self, name: str, medium: str, page_bytes: int, **extra: object) -> TierStats:
+        """A :class:`TierStats` with the occupancy fields filled in from the slots."""
+        used = self.num_used
+        return TierStats(
+            name=name,
+            medium=medium,
+            page_bytes=page_bytes,
+            pages_total=self.num_slots,
+            pages_used=used,
+            pages_free=self.num_slots - used,
+            bytes_used=used * page_bytes,
+            bytes_capacity=self.num_slots * page_bytes,
+            **extra,  # type: ignore[arg-type]
+        )
+
 
 @runtime_checkable
 class SlotAllocator(Protocol):

@@ -173,18 +173,9 @@ class TensorPages(SlotsDelegate):
     # --- lifecycle ---------------------------------------------------------------------------
 
     def stats(self) -> TierStats:
-        used = self.num_used
-        return TierStats(
-            name=self.name,
-            medium=self.medium,
-            page_bytes=self.page_bytes,
-            pages_total=self.num_slots,
-            pages_used=used,
-            pages_free=self.num_slots - used,
-            bytes_used=used * self.page_bytes,
-            bytes_capacity=self.num_slots * self.page_bytes,
-            stand_in=self._stand_in,
-            io_mode="cuda" if self._pages.is_cuda else "memory",
+        return self._slot_stats(
+            self.name, self.medium, self.page_bytes,
+            stand_in=self._stand_in, io_mode="cuda" if self._pages.is_cuda else "memory",
         )
 
     def close(self) -> None:
