@@ -1,0 +1,444 @@
+"""Which per-node cache policy could bring the simulator within 95% of an infinite cache?
+
+    .venv/bin/python -m benchmarks.cache_policy_study [--trace FILE] [--capacity-fraction 0.4]
+
+One cache holding ``--capacity-fraction`` of the trace's unique blocks (default 40%: the
+eight simulated nodes' 5% each, put together, so routing plays no part) replays a
+Mooncake-format trace in arrival order. A request's hits are its leading cached blocks, as in
+:mod:`routing.simulator`; afterwards the policy decides which of its blocks to keep. Printed:
+how many unique blocks are seen only once, and each policy's block hit rate beside the
+infinite cache's.
+
+- ``lru``: the simulator's cache (a chain touched deepest first, so tails go before prefixes);
+- ``leaf-first lru``: evict the least recently used cached block with no cached child (the
+  radix-tree order of SGLang). Because an ancestor is used whenever a descendant is, it is the
+  same order as ``lru`` on a trace of prefix chains: the two figures are equal;
+- ``lfu``: least used first, least recent among equals; counts kept for every block ever seen
+  (global), or only while a block is cached (the ``lfu`` of ``kvcluster.core.eviction``);
+- admission filters: ``doorkeeper`` (LRU that keeps a block only from its second sighting,
+  remembered in a ghost set), ``2q`` (Johnson & Shasha), ``arc`` (Megiddo & Modha) and
+  ``s3-fifo`` (Yang et al., SOSP 2023: 10% probation FIFO, main FIFO with reinsertion, ghost);
+- ``belady``: the offline optimum at block level (evict the block used again farthest in the
+  future; a block never used again is not kept): the upper bound of any policy;
+- two offline oracles bolted onto a two-class cache (blocks used once, evicted first and
+  least recent first, below blocks used twice or more): one that never keeps a block that will
+  not be used again after its first use (perfect admission), one that evicts first every
+  reused block that will not be used again (it knows when a prompt family ends).
+
+The oracles show where the online policies lose: ``belady`` reaches the infinite cache's hit
+rate, so capacity is not what is missing; what is missing is knowing, at a prompt's first
+sighting, whether it will come back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from routing.simulator import load_mooncake_trace
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
+NEVER = float("inf")
+Chain = tuple[int, ...]
+
+
+class Cache(Protocol):
+    def __contains__(self, block: object) -> bool: ...
+
+    def access(self, ids: Chain, t: int) -> None: ...
+
+
+def leading(cache: Cache | set[int], ids: Chain) -> int:
+    count = 0
+    for block in ids:
+        if block not in cache:
+            break
+        count += 1
+    return count
+
+
+class LRU:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.blocks
+
+    def access(self, ids: Chain, t: int) -> None:
+        for block in reversed(ids):  # deepest first: the chain head is freshest
+            if block in self.blocks:
+                self.blocks.move_to_end(block)
+            else:
+                self.blocks[block] = None
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+
+
+class LeafFirstLRU:
+    """Evicts the least recently used leaf (a cached block none of whose children is cached)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.last: dict[int, int] = {}
+        self.parent: dict[int, int | None] = {}
+        self.children: Counter[int] = Counter()
+        self.leaves: list[tuple[int, int]] = []  # (last use, block), stale entries skipped
+        self.tick = 0
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.last
+
+    def access(self, ids: Chain, t: int) -> None:
+        parent = None
+        for block in ids:
+            self.tick += 1
+            if block not in self.last:
+                self.parent[block] = parent
+                if parent is not None:
+                    self.children[parent] += 1
+            self.last[block] = self.tick
+            parent = block
+        for block in ids:
+            if not self.children[block]:
+                heapq.heappush(self.leaves, (self.last[block], block))
+        while len(self.last) > self.capacity:
+            stamp, block = heapq.heappop(self.leaves)
+            if self.last.get(block) != stamp or self.children[block]:
+                continue
+            del self.last[block]
+            up = self.parent.pop(block)
+            if up is not None and up in self.last:
+                self.children[up] -= 1
+                if not self.children[up]:
+                    heapq.heappush(self.leaves, (self.last[up], up))
+
+
+class PriorityCache:
+    """Evicts the lowest ``(priority, tick)``; subclasses give a block's priority at each use
+    (``None``: do not keep it). A min-heap with lazily skipped stale entries."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.live: dict[int, tuple[float, int]] = {}
+        self.heap: list[tuple[tuple[float, int], int]] = []
+        self.tick = 0
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.live
+
+    def priority(self, block: int, ids: Chain, depth: int, t: int) -> float | None:
+        raise NotImplementedError
+
+    def access(self, ids: Chain, t: int) -> None:
+        for depth in range(len(ids) - 1, -1, -1):
+            block = ids[depth]
+            self.tick += 1
+            priority = self.priority(block, ids, depth, t)
+            if priority is None:
+                self.live.pop(block, None)
+                continue
+            key = (priority, self.tick)
+            self.live[block] = key
+            heapq.heappush(self.heap, (key, block))
+        while len(self.live) > self.capacity:
+            key, block = heapq.heappop(self.heap)
+            if self.live.get(block) == key:
+                del self.live[block]
+
+
+class LFU(PriorityCache):
+    def __init__(self, capacity: int, global_counts: bool) -> None:
+        super().__init__(capacity)
+        self.counts: Counter[int] = Counter()
+        self.global_counts = global_counts
+
+    def priority(self, block: int, ids: Chain, depth: int, t: int) -> float | None:
+        if not self.global_counts and block not in self.live:
+            self.counts[block] = 0
+        self.counts[block] += 1
+        return self.counts[block]
+
+
+class Belady(PriorityCache):
+    """Offline: priority = minus the index of the next request using the block."""
+
+    def __init__(self, capacity: int, next_use: list[list[float]]) -> None:
+        super().__init__(capacity)
+        self.next_use = next_use
+
+    def priority(self, block: int, ids: Chain, depth: int, t: int) -> float | None:
+        upcoming = self.next_use[t][depth]
+        return None if upcoming == NEVER else -upcoming
+
+
+class TwoClassOracle(PriorityCache):
+    """Blocks used once below blocks used again (each class least recent first), plus one
+    offline oracle: ``admission`` drops a first-used block that will not be used again;
+    ``ends`` puts a reused block that will not be used again below everything."""
+
+    def __init__(self, capacity: int, next_use: list[list[float]], oracle: str) -> None:
+        super().__init__(capacity)
+        self.next_use = next_use
+        self.oracle = oracle
+        self.counts: Counter[int] = Counter()
+
+    def priority(self, block: int, ids: Chain, depth: int, t: int) -> float | None:
+        self.counts[block] += 1
+        dead = self.next_use[t][depth] == NEVER
+        if self.counts[block] == 1:
+            return None if self.oracle == "admission" and dead else 1
+        return 0 if self.oracle == "ends" and dead else 2
+
+
+class Doorkeeper(LRU):
+    """LRU that stores a block only at its second sighting (first sightings: a ghost set)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.ghost: set[int] = set()
+
+    def access(self, ids: Chain, t: int) -> None:
+        for block in reversed(ids):
+            if block in self.blocks:
+                self.blocks.move_to_end(block)
+            elif block in self.ghost:
+                self.ghost.discard(block)
+                self.blocks[block] = None
+            else:
+                self.ghost.add(block)
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+
+
+class TwoQ:
+    """2Q: A1in FIFO (25%) for first uses, A1out ghost (50%), Am LRU for blocks seen again."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.kin, self.kout = max(1, capacity // 4), max(1, capacity // 2)
+        self.a1in: OrderedDict[int, None] = OrderedDict()
+        self.a1out: OrderedDict[int, None] = OrderedDict()
+        self.am: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.a1in or block in self.am
+
+    def access(self, ids: Chain, t: int) -> None:
+        for block in reversed(ids):
+            if block in self.am:
+                self.am.move_to_end(block)
+            elif block in self.a1in:
+                continue
+            elif block in self.a1out:
+                del self.a1out[block]
+                self._reclaim()
+                self.am[block] = None
+            else:
+                self._reclaim()
+                self.a1in[block] = None
+
+    def _reclaim(self) -> None:
+        if len(self.a1in) + len(self.am) < self.capacity:
+            return
+        if len(self.a1in) > self.kin or not self.am:
+            block, _ = self.a1in.popitem(last=False)
+            self.a1out[block] = None
+            if len(self.a1out) > self.kout:
+                self.a1out.popitem(last=False)
+        else:
+            self.am.popitem(last=False)
+
+
+class ARC:
+    def __init__(self, capacity: int) -> None:
+        self.c, self.p = capacity, 0
+        self.t1: OrderedDict[int, None] = OrderedDict()
+        self.t2: OrderedDict[int, None] = OrderedDict()
+        self.b1: OrderedDict[int, None] = OrderedDict()
+        self.b2: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.t1 or block in self.t2
+
+    def _replace(self, block: int) -> None:
+        if self.t1 and (len(self.t1) > self.p or (block in self.b2 and len(self.t1) == self.p)):
+            self.b1[self.t1.popitem(last=False)[0]] = None
+        else:
+            self.b2[self.t2.popitem(last=False)[0]] = None
+
+    def access(self, ids: Chain, t: int) -> None:
+        c = self.c
+        for block in reversed(ids):
+            if block in self.t1:
+                del self.t1[block]
+                self.t2[block] = None
+            elif block in self.t2:
+                self.t2.move_to_end(block)
+            elif block in self.b1:
+                self.p = min(c, self.p + max(len(self.b2) // max(len(self.b1), 1), 1))
+                self._replace(block)
+                del self.b1[block]
+                self.t2[block] = None
+            elif block in self.b2:
+                self.p = max(0, self.p - max(len(self.b1) // max(len(self.b2), 1), 1))
+                self._replace(block)
+                del self.b2[block]
+                self.t2[block] = None
+            else:
+                l1 = len(self.t1) + len(self.b1)
+                if l1 == c:
+                    if len(self.t1) < c:
+                        self.b1.popitem(last=False)
+                        self._replace(block)
+                    else:
+                        self.t1.popitem(last=False)
+                elif l1 + len(self.t2) + len(self.b2) >= c:
+                    if l1 + len(self.t2) + len(self.b2) == 2 * c:
+                        self.b2.popitem(last=False)
+                    self._replace(block)
+                self.t1[block] = None
+
+
+class S3FIFO:
+    """S3-FIFO: a 10% FIFO for new blocks; those used again there move to the main FIFO
+    (reinserted while their use count, capped at 3, is positive); the rest leave a ghost that
+    sends them straight to main when they come back."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.small_capacity = max(1, capacity // 10)
+        self.main_capacity = capacity - self.small_capacity
+        self.small: OrderedDict[int, None] = OrderedDict()
+        self.main: OrderedDict[int, None] = OrderedDict()
+        self.ghost: OrderedDict[int, None] = OrderedDict()
+        self.freq: dict[int, int] = {}
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.small or block in self.main
+
+    def access(self, ids: Chain, t: int) -> None:
+        for block in reversed(ids):
+            if block in self.freq:
+                self.freq[block] = min(self.freq[block] + 1, 3)
+                continue
+            while len(self.small) + len(self.main) >= self.capacity:
+                if len(self.small) >= self.small_capacity or not self.main:
+                    self._evict_small()
+                else:
+                    self._evict_main()
+            if block in self.ghost:
+                del self.ghost[block]
+                self.main[block] = None
+            else:
+                self.small[block] = None
+            self.freq[block] = 0
+
+    def _evict_small(self) -> None:
+        block, _ = self.small.popitem(last=False)
+        if self.freq[block]:
+            self.main[block] = None
+            self.freq[block] = 0
+            if len(self.main) > self.main_capacity:
+                self._evict_main()
+            return
+        del self.freq[block]
+        self.ghost[block] = None
+        if len(self.ghost) > self.main_capacity:
+            self.ghost.popitem(last=False)
+
+    def _evict_main(self) -> None:
+        while True:
+            block, _ = self.main.popitem(last=False)
+            if not self.freq[block]:
+                del self.freq[block]
+                return
+            self.freq[block] -= 1
+            self.main[block] = None
+
+
+def next_uses(chains: Sequence[Chain]) -> list[list[float]]:
+    """``[i][k]``: the index of the next request after ``i`` holding ``chains[i][k]``."""
+    upcoming: list[list[float]] = [[] for _ in chains]
+    seen_at: dict[int, float] = {}
+    for i in range(len(chains) - 1, -1, -1):
+        upcoming[i] = [seen_at.get(b, NEVER) for b in chains[i]]
+        for block in chains[i]:
+            seen_at[block] = i
+    return upcoming
+
+
+def hit_rate(cache: Cache | None, chains: Sequence[Chain]) -> float:
+    """Leading-block hit rate; ``None``: the infinite cache."""
+    seen: set[int] = set()
+    hits = total = 0
+    for t, ids in enumerate(chains):
+        hits += leading(seen if cache is None else cache, ids)
+        total += len(ids)
+        if cache is None:
+            seen.update(ids)
+        else:
+            cache.access(ids, t)
+    return hits / total if total else 0.0
+
+
+def family_sizes(chains: Sequence[Chain]) -> Counter[int]:
+    """How many prompt families (requests sharing a first block) have n requests."""
+    families: defaultdict[int, int] = defaultdict(int)
+    for ids in chains:
+        if ids:
+            families[ids[0]] += 1
+    return Counter(families.values())
+
+
+def study(chains: Sequence[Chain], capacity: int) -> list[tuple[str, float]]:
+    upcoming = next_uses(chains)
+    policies: dict[str, Cache] = {
+        "lru (simulator)": LRU(capacity),
+        "leaf-first lru": LeafFirstLRU(capacity),
+        "lfu, global counts": LFU(capacity, global_counts=True),
+        "lfu, counts while cached": LFU(capacity, global_counts=False),
+        "doorkeeper lru": Doorkeeper(capacity),
+        "2q": TwoQ(capacity),
+        "arc": ARC(capacity),
+        "s3-fifo": S3FIFO(capacity),
+        "belady (offline)": Belady(capacity, upcoming),
+        "2-class + oracle admission": TwoClassOracle(capacity, upcoming, "admission"),
+        "2-class + oracle family ends": TwoClassOracle(capacity, upcoming, "ends"),
+    }
+    return [(name, hit_rate(cache, chains)) for name, cache in policies.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake-format trace")
+    parser.add_argument("--capacity-fraction", type=float, default=0.40,
+                        help="the cache's share of the unique blocks (default 0.40 = 8 x 5%%)")
+    args = parser.parse_args()
+    chains = [r.block_ids for r in load_mooncake_trace(args.trace)]
+    uses = Counter(b for ids in chains for b in ids)
+    unique = len(uses)
+    once = sum(1 for n in uses.values() if n == 1)
+    # as the simulator sizes it: 8 nodes x int(5% of unique) when the fraction is 8 x 5%
+    capacity = max(1, int(unique * args.capacity_fraction))
+    if abs(args.capacity_fraction - 0.40) < 1e-9:
+        capacity = 8 * int(unique * 0.05)
+    sizes = family_sizes(chains)
+    print(f"{len(chains)} requests, {sum(uses.values()):,} block uses, {unique:,} unique blocks; "
+          f"{once:,} ({once / unique:.1%}) used only once, {unique - once:,} used again")
+    print(f"{sum(sizes.values()):,} prompt families (first block); {sizes[1]:,} with one request")
+    print(f"capacity {capacity:,} blocks = {capacity / unique:.1%} of the unique blocks, "
+          f"{capacity / (unique - once):.1%} of those used again")
+    infinite = hit_rate(None, chains)
+    print(f"{'policy':<32}{'hit rate':>9}{'% of inf':>10}")
+    print(f"{'infinite':<32}{infinite:>9.2%}{1:>10.1%}")
+    for name, rate in study(chains, capacity):
+        print(f"{name:<32}{rate:>9.2%}{rate / infinite:>10.1%}")
+
+
+if __name__ == "__main__":
+    main()
