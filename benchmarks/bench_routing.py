@@ -21,7 +21,10 @@ Every figure has a same-run baseline beside it:
 - the simulator on the shared trace (``../shared/traces/synthetic_trace.jsonl``, if present)
   with 8 nodes each caching 5% of the unique blocks: the router's hit rate against
   round-robin's and an infinite single cache's, its load imbalance against consistent
-  hashing's, and its routing overhead per request against consistent hashing's.
+  hashing's, and its routing overhead per request against consistent hashing's. Beside them,
+  one LRU cache with the 8 nodes' capacity put together (no routing at all): the ceiling of
+  any routing over per-node LRU caches (``benchmarks/cache_policy_study.py`` compares cache
+  policies at that size).
 
 Targets (issue 5): hashing <= 200 us; lookup p50 <= 3x PING; <= 100 bytes per entry;
 simulator hit rate >= 95% of infinite and >= 3x round-robin, imbalance <= 1.10, overhead
@@ -50,7 +53,13 @@ from routing.block_hashing import BlockHashArray, BlockHasher
 from routing.config import RegistryConfig
 from routing.redis_registry import RedisPrefixRegistry
 from routing.registry import BlockEvent, EventBatch, Tier
-from routing.simulator import SimulationConfig, load_mooncake_trace, simulate
+from routing.simulator import (
+    LRUBlockCache,
+    SimulationConfig,
+    TraceRequest,
+    load_mooncake_trace,
+    simulate,
+)
 
 Row = dict[str, Any]
 PROMPT_TOKENS = 32_768
@@ -247,6 +256,17 @@ def bench_memory(port: int, quick: bool) -> list[Row]:
     return rows
 
 
+def single_lru_hit_rate(requests: list[TraceRequest], capacity: int) -> float:
+    """Block hit rate of one LRU cache of ``capacity`` blocks serving every request."""
+    cache = LRUBlockCache(capacity)
+    hits = total = 0
+    for request in requests:
+        hits += cache.leading_hits(request.block_ids)
+        total += len(request.block_ids)
+        cache.insert(request.block_ids)
+    return hits / total if total else 0.0
+
+
 def bench_simulator(trace: Path | None, quick: bool) -> list[Row]:
     if trace is None or not trace.is_file():
         return [{"name": "simulator on the shared trace", "value": "skipped: trace not found"}]
@@ -254,6 +274,7 @@ def bench_simulator(trace: Path | None, quick: bool) -> list[Row]:
     report = simulate(requests, SimulationConfig(nodes=8, capacity_fraction=0.05))
     router, rr, ch = (report.result(p) for p in ("router", "round_robin", "consistent_hash"))
     inf = report.infinite_hit_rate
+    pooled = single_lru_hit_rate(requests, report.config.nodes * report.capacity_blocks)
     label = f"{report.requests} requests, 8 nodes x 5%"
     return [
         {"name": f"simulator hit rate, router ({label})", "value": 100 * router.hit_rate, "unit": "%",
@@ -262,6 +283,9 @@ def bench_simulator(trace: Path | None, quick: bool) -> list[Row]:
         {"name": "  router hit rate / infinite single cache", "value": 100 * router.hit_rate / inf,
          "unit": "%", "baseline": "infinite cache hit rate", "baseline_value": 100 * inf,
          "target": ">= 95", "met": router.hit_rate >= 0.95 * inf},
+        {"name": "  one LRU cache of the 8 nodes' capacity together / infinite",
+         "value": 100 * pooled / inf, "unit": "%",
+         "baseline": "router / infinite", "baseline_value": 100 * router.hit_rate / inf},
         {"name": "  consistent hashing hit rate / infinite", "value": 100 * ch.hit_rate / inf,
          "unit": "%", "baseline": "infinite cache hit rate", "baseline_value": 100 * inf},
         {"name": "  load imbalance (max/mean requests per node), router", "value": router.imbalance,
