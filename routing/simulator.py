@@ -17,6 +17,10 @@ eviction takes tails before the prefixes they extend (as vLLM frees blocks in re
 Load model: a request occupies its node from arrival for ``uncached_tokens / prefill_tps +
 output_tokens / decode_tps`` seconds; a node's in-flight count is what it reports.
 
+The per-node cache is pluggable (``cache_factory``: capacity -> a :class:`BlockCache`), so a
+study can replay the cluster with another eviction policy; :class:`LRUBlockCache` is the
+default and the only one shipped.
+
 Reported per policy: block hit rate, tokens saved, load imbalance (max / mean requests per
 node) and the routing overhead per request (for the router: :meth:`Router.route_hashes`
 minus the time spent inside registry calls).
@@ -32,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -92,6 +96,26 @@ def block_keys(block_ids: Sequence[int]) -> BlockHashArray:
     keys["id"] = block_ids
     keys["tag"] = _KEY_TAG
     return keys.view(BLOCK_HASH_DTYPE)
+
+
+class BlockCache(Protocol):
+    """What the simulated cluster needs of a node's cache."""
+
+    capacity: int
+
+    def __len__(self) -> int: ...
+
+    def leading_hits(self, ids: Sequence[int]) -> int:
+        """How many leading blocks of ``ids`` are cached."""
+        ...
+
+    def insert(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Store/touch a served chain; returns (depths newly stored, evicted (id, family,
+        depth)): exactly what the node publishes to the registry."""
+        ...
+
+
+CacheFactory = Callable[[int], BlockCache]
 
 
 class LRUBlockCache:
@@ -293,25 +317,28 @@ def infinite_cache(requests: Sequence[TraceRequest], block_tokens: int) -> tuple
 
 
 def simulate(requests: Sequence[TraceRequest], config: SimulationConfig,
-             policies: Sequence[str] = POLICIES) -> SimulationReport:
-    """Replay ``requests`` under every policy; see the module docstring."""
+             policies: Sequence[str] = POLICIES,
+             cache_factory: CacheFactory = LRUBlockCache) -> SimulationReport:
+    """Replay ``requests`` under every policy, each node caching in ``cache_factory(capacity)``;
+    see the module docstring."""
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise InvalidArgument(f"unknown policies {unknown}; allowed: {', '.join(POLICIES)}")
     unique = len({b for r in requests for b in r.block_ids})
     capacity = max(1, int(unique * config.capacity_fraction))
     inf_rate, inf_saved = infinite_cache(requests, config.block_tokens)
-    results = tuple(_run_policy(p, requests, config, capacity) for p in policies)
+    results = tuple(_run_policy(p, requests, config, capacity, cache_factory) for p in policies)
     return SimulationReport(config, len(requests), unique, capacity, inf_rate, inf_saved, results)
 
 
 class SimulatedCluster:
     """Simulated nodes: caches, in-flight requests, and (for the router) the registry."""
 
-    def __init__(self, config: SimulationConfig, capacity: int, registry: InMemoryRegistry | None) -> None:
+    def __init__(self, config: SimulationConfig, capacity: int, registry: InMemoryRegistry | None,
+                 cache_factory: CacheFactory = LRUBlockCache) -> None:
         self.config = config
         self.node_ids = [f"node-{i}" for i in range(config.nodes)]
-        self.caches = {n: LRUBlockCache(capacity) for n in self.node_ids}
+        self.caches = {n: cache_factory(capacity) for n in self.node_ids}
         self.finishing: dict[str, list[float]] = {n: [] for n in self.node_ids}
         self.registry = registry
         self.epochs = {n: registry.register_node(n) for n in self.node_ids} if registry else {}
@@ -355,7 +382,7 @@ class SimulatedCluster:
 
 
 def _run_policy(policy: str, requests: Sequence[TraceRequest], config: SimulationConfig,
-                capacity: int) -> PolicyResult:
+                capacity: int, cache_factory: CacheFactory) -> PolicyResult:
     clock_now = [0.0]
 
     def clock() -> float:
@@ -373,7 +400,7 @@ def _run_policy(policy: str, requests: Sequence[TraceRequest], config: Simulatio
         timed = TimedRegistry(registry)
         # The hasher only keys prompts shorter than one block; trace prompts are routed by ids.
         router = Router(timed, config.router, BlockHasher("xxh3_128", config.block_tokens), clock=clock)  # type: ignore[arg-type]
-    cluster = SimulatedCluster(config, capacity, registry)
+    cluster = SimulatedCluster(config, capacity, registry, cache_factory)
     ring = HashRing(cluster.node_ids, config.router.virtual_nodes)
     rng = random.Random(config.seed)
     choose: Callable[[int, BlockHashArray], str]

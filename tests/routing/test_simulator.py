@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,31 @@ def test_simulation_on_the_sample() -> None:
     assert "router" in report.table() and "infinite (1 node)" in report.table()
     with pytest.raises(InvalidArgument):
         simulate(load_mooncake_trace(SAMPLE, limit=5), SimulationConfig(), ["magic"])
+
+
+class _NoCache:
+    """A node cache that never keeps anything."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+
+    def __len__(self) -> int:
+        return 0
+
+    def leading_hits(self, ids: Sequence[int]) -> int:
+        return 0
+
+    def insert(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
+        return [], []
+
+
+def test_the_node_cache_is_pluggable() -> None:
+    requests = load_mooncake_trace(SAMPLE, limit=50)
+    report = simulate(requests, SimulationConfig(nodes=2), ["router", "round_robin"], cache_factory=_NoCache)
+    assert [r.hit_blocks for r in report.results] == [0, 0]
+    assert report.infinite_hit_rate > 0 and sum(report.result("router").requests_per_node) == 50
+    cluster = SimulatedCluster(SimulationConfig(nodes=2), capacity=7, registry=None, cache_factory=_NoCache)
+    assert all(isinstance(c, _NoCache) and c.capacity == 7 for c in cluster.caches.values())
 
 
 def test_simulation_config_is_validated() -> None:
