@@ -1,6 +1,7 @@
 """Which per-node cache policy could bring the simulator within 95% of an infinite cache?
 
     .venv/bin/python -m benchmarks.cache_policy_study [--trace FILE] [--capacity-fraction 0.4]
+                                                      [--cluster]
 
 One cache holding ``--capacity-fraction`` of the trace's unique blocks (default 40%: the
 eight simulated nodes' 5% each, put together, so routing plays no part) replays a
@@ -25,6 +26,10 @@ infinite cache's.
   not be used again after its first use (perfect admission), one that evicts first every
   reused block that will not be used again (it knows when a prompt family ends).
 
+With ``--cluster``, each online policy also runs as the per-node cache of the simulator
+(:func:`routing.simulator.simulate`, 8 nodes x 5%): the router, round-robin and consistent
+hashing over the same cache policy, with hit rate, load imbalance and routing overhead.
+
 The oracles show where the online policies lose: ``belady`` reaches the infinite cache's hit
 rate, so capacity is not what is missing; what is missing is knowing, at a prompt's first
 sighting, whether it will come back.
@@ -35,11 +40,11 @@ from __future__ import annotations
 import argparse
 import heapq
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from routing.simulator import load_mooncake_trace
+from routing.simulator import SimulationConfig, load_mooncake_trace, simulate
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
 NEVER = float("inf")
@@ -361,6 +366,64 @@ class S3FIFO:
             self.main[block] = None
 
 
+class NodeCache:
+    """A study cache as a simulated node's cache (:class:`routing.simulator.BlockCache`): the
+    blocks stored and evicted by a request are found by comparing what is cached before and
+    after it."""
+
+    def __init__(self, cache: Cache, capacity: int) -> None:
+        self.cache = cache
+        self.capacity = capacity
+        self.held: dict[int, tuple[int, int]] = {}  # block -> (family, depth)
+        self.requests = 0
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def leading_hits(self, ids: Sequence[int]) -> int:
+        return leading(self.cache, tuple(ids))
+
+    def insert(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
+        chain = tuple(ids)
+        self.cache.access(chain, self.requests)
+        self.requests += 1
+        family = chain[0] if chain else 0
+        stored = [d for d, b in enumerate(chain) if b not in self.held and b in self.cache]
+        evicted = [(b, f, d) for b, (f, d) in self.held.items() if b not in self.cache]
+        for block, _, _ in evicted:
+            del self.held[block]
+        for depth in stored:
+            self.held[chain[depth]] = (family, depth)
+        return stored, evicted
+
+
+ONLINE: dict[str, Callable[[int], Cache]] = {
+    "lru": LRU,
+    "lfu, global counts": lambda c: LFU(c, global_counts=True),
+    "lfu, counts while cached": lambda c: LFU(c, global_counts=False),
+    "arc": ARC,
+    "s3-fifo": S3FIFO,
+}
+
+
+def cluster_study(trace: Path) -> None:
+    requests = load_mooncake_trace(trace)
+    config = SimulationConfig(nodes=8, capacity_fraction=0.05)
+    print(f"\n{'node cache':<26}{'routing':<17}{'hit rate':>9}{'% of inf':>10}{'imbalance':>10}"
+          f"{'overhead us':>12}")
+    for name, make in ONLINE.items():
+
+        def node_cache(capacity: int, make: Callable[[int], Cache] = make) -> NodeCache:
+            return NodeCache(make(capacity), capacity)
+
+        report = simulate(requests, config, ("router", "round_robin", "consistent_hash"),
+                          cache_factory=node_cache)
+        for r in report.results:
+            print(f"{name:<26}{r.policy:<17}{r.hit_rate:>9.2%}"
+                  f"{r.hit_rate / report.infinite_hit_rate:>10.1%}{r.imbalance:>10.3f}"
+                  f"{r.overhead_us_mean:>12.1f}")
+
+
 def next_uses(chains: Sequence[Chain]) -> list[list[float]]:
     """``[i][k]``: the index of the next request after ``i`` holding ``chains[i][k]``."""
     upcoming: list[list[float]] = [[] for _ in chains]
@@ -418,6 +481,8 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake-format trace")
     parser.add_argument("--capacity-fraction", type=float, default=0.40,
                         help="the cache's share of the unique blocks (default 0.40 = 8 x 5%%)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also replay the 8-node simulation with each online policy per node")
     args = parser.parse_args()
     chains = [r.block_ids for r in load_mooncake_trace(args.trace)]
     uses = Counter(b for ids in chains for b in ids)
@@ -438,6 +503,8 @@ def main() -> None:
     print(f"{'infinite':<32}{infinite:>9.2%}{1:>10.1%}")
     for name, rate in study(chains, capacity):
         print(f"{name:<32}{rate:>9.2%}{rate / infinite:>10.1%}")
+    if args.cluster:
+        cluster_study(args.trace)
 
 
 if __name__ == "__main__":
