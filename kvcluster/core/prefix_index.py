@@ -46,6 +46,7 @@ Concurrency: not thread-safe. The owner (the node engine) serialises every call.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
@@ -68,11 +69,13 @@ from kvcluster.core.prefix_records import (
 from kvcluster.core.radix_node import ID_BYTES, RadixNode, ids_from_bytes
 from kvcluster.core.radix_walk import (
     block_at,
+    byte_bounds,
     common_prefix,
     descend,
     join_ids,
     packed_bounds,
     shared_boundary_blocks,
+    sizes_of,
     token_arrays,
     validated_items,
 )
@@ -82,6 +85,8 @@ from kvcluster.errors import InvalidArgument, LeaseError
 logger = logging.getLogger(__name__)
 
 Int64Array = npt.NDArray[np.int64]
+#: Batch inserts of at least this many items pause the cyclic garbage collector.
+GC_PAUSE_ITEMS = 256
 EvictionListener = Callable[[EvictedBlock], None]
 
 
@@ -241,9 +246,7 @@ class PrefixIndex(PinsMixin):
         if type(namespace) is not str:
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
         arrays = token_arrays(prompts, "prompt")
-        bounds = [0]
-        for array in arrays:
-            bounds.append(bounds[-1] + array.size * ID_BYTES)
+        bounds = byte_bounds(sizes_of(arrays))
         buffer = join_ids(arrays)
         check_token_range(ids_from_bytes(buffer), 0, self._vocab)
         return self._lookup_buffer(buffer, bounds, namespace)
@@ -387,7 +390,7 @@ class PrefixIndex(PinsMixin):
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
         bs = self._bs
         num_blocks = self._pool.num_blocks
-        arrays, tables = validated_items(items, bs, num_blocks)
+        arrays, tables, sizes = validated_items(items, bs, num_blocks)
         if not arrays:
             return InsertBatchResult(0, 0, 0, 0, 0, 0)
         # Every token and every block id of the batch in one vectorised check each.
@@ -400,7 +403,7 @@ class PrefixIndex(PinsMixin):
             bad = all_blocks[(all_blocks < 0) | (all_blocks >= num_blocks)]
             raise InvalidArgument(f"block id {int(bad[0])} is outside the pool [0, {num_blocks})")
         self._check_allocated(all_blocks)
-        return self._insert_validated([a.size for a in arrays], token_bytes, block_bytes, namespace)
+        return self._insert_validated(sizes, token_bytes, block_bytes, namespace)
 
     def insert_packed(
         self,
@@ -418,7 +421,7 @@ class PrefixIndex(PinsMixin):
         array = as_token_array(tokens)
         num_blocks = self._pool.num_blocks
         _, sizes = packed_bounds(offsets, array.size)
-        table = as_block_table(block_ids, sum(-(-n // self._bs) for n in sizes), num_blocks)
+        table = as_block_table(block_ids, int((-(-sizes // self._bs)).sum()), num_blocks)
         check_token_range(array, 0, self._vocab)
         self._check_allocated(table)
         return self._insert_validated(sizes, array.tobytes(), table.tobytes(), namespace)
@@ -440,9 +443,28 @@ class PrefixIndex(PinsMixin):
                     f"block(s) {block_ids[free][:8].tolist()} are free; only allocated blocks can be cached"
                 )
 
-    def _insert_validated(self, sizes: list[int], tokens: bytes, blocks: bytes, namespace: str) -> InsertBatchResult:
+    def _insert_validated(self, sizes: Int64Array | list[int], tokens: bytes, blocks: bytes, namespace: str) -> InsertBatchResult:
         """Insert validated items of ``sizes`` tokens (``tokens``/``blocks``: every item's
         token ids and block table, concatenated, as int64 bytes) and return the totals.
+
+        A large batch runs with the cyclic garbage collector paused: it creates a node per new
+        sequence, all of which stay reachable from the root (a failed batch unlinks them as
+        garbage for the next collection), so the collections that their allocation would
+        trigger (full ones included, traversing the whole tree) find nothing to free. Reference
+        counting still frees everything else at once. The collector's previous state is
+        restored on return or exception.
+        """
+        pause = len(sizes) >= GC_PAUSE_ITEMS and gc.isenabled()
+        if pause:
+            gc.disable()
+        try:
+            return self._insert_items(sizes, tokens, blocks, namespace)
+        finally:
+            if pause:
+                gc.enable()
+
+    def _insert_items(self, sizes: Int64Array | list[int], tokens: bytes, blocks: bytes, namespace: str) -> InsertBatchResult:
+        """``_insert_validated`` itself.
 
         The tree is changed item by item (later items see earlier ones), but references,
         policy membership and touches are applied once at the end, after the batch-wide
@@ -467,12 +489,13 @@ class PrefixIndex(PinsMixin):
         shortest = self._min_prefix * ID_BYTES
         first_id = next_id = self._next_node_id
         if len(sizes) == 1:
-            bounds = [0, sizes[0] * ID_BYTES]
-            block_bounds = [0, -(-sizes[0] // bs) * ID_BYTES]
+            size = int(sizes[0])
+            bounds = [0, size * ID_BYTES]
+            block_bounds = [0, -(-size // bs) * ID_BYTES]
         else:
             size_array = np.asarray(sizes, dtype=np.int64)
-            bounds = [0, *np.cumsum(size_array * ID_BYTES).tolist()]
-            block_bounds = [0, *np.cumsum(-(-size_array // bs) * ID_BYTES).tolist()]
+            bounds = byte_bounds(size_array)
+            block_bounds = byte_bounds(-(-size_array // bs))
         for start, end, block_start, block_end in zip(bounds, bounds[1:], block_bounds, block_bounds[1:]):
             if end - start < shortest:
                 skipped += 1
@@ -553,9 +576,10 @@ class PrefixIndex(PinsMixin):
             raise InvalidArgument(problem)
 
         if straddles:
-            refs = np.concatenate([new_ids, np.asarray(straddles, dtype=np.int64)])
-            self._pool.incref(refs)
-            np.add.at(self._tree_refs, refs, 1)
+            straddled = np.asarray(straddles, dtype=np.int64)
+            self._pool.incref(np.concatenate([new_ids, straddled]))
+            self._tree_refs[new_ids] += 1  # distinct (checked above)
+            np.add.at(self._tree_refs, straddled, 1)  # a block may be straddled twice
             if pinned_straddles:
                 np.add.at(self._pin_refs, np.asarray(pinned_straddles, dtype=np.int64), 1)
         elif new_ids.size:
@@ -579,7 +603,11 @@ class PrefixIndex(PinsMixin):
         else:
             policy.touch_many(leaves, now)
         new_tokens = new_bytes >> 3
-        considered = sum(n for n in sizes if n >= self._min_prefix) if skipped else len(tokens) >> 3
+        if skipped:
+            size_array = np.asarray(sizes, dtype=np.int64)
+            considered = int(size_array[size_array >= self._min_prefix].sum())
+        else:
+            considered = len(tokens) >> 3
         self._inserts += len(sizes)
         self._inserted_tokens += new_tokens
         if self._memory_budget is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from operator import attrgetter, itemgetter
 from typing import Any, cast
 
 import numpy as np
@@ -24,6 +25,10 @@ Int64Array = npt.NDArray[np.int64]
 
 BISECT_TOKENS = 64
 INT64 = np.dtype(np.int64)
+_DTYPE = attrgetter("dtype")
+_NDIM = attrgetter("ndim")
+_FIRST = itemgetter(0)
+_SECOND = itemgetter(1)
 
 
 def common_prefix(key: bytes, query: bytes, pos: int, end: int) -> int:
@@ -72,10 +77,24 @@ def descend(root: RadixNode, query: bytes, pos: int = 0, end: int | None = None)
     return node, pos
 
 
+def _plain_vectors(arrays: list[Any]) -> bool:
+    """Whether every entry is a non-empty 1-D int64 numpy array: the common case, checked with
+    ``map`` over the batch (C loops), not a Python loop per entry."""
+    return (
+        set(map(type, arrays)) == {np.ndarray}
+        and set(map(_DTYPE, arrays)) == {INT64}
+        and set(map(_NDIM, arrays)) == {1}
+        and 0 not in map(len, arrays)
+    )
+
+
 def token_arrays(prompts: Iterable[TokenInput], what: str) -> list[Int64Array]:
     """Each prompt as a non-empty 1-D int64 array (int64 arrays pass through untouched)."""
+    given = prompts if type(prompts) is list else list(prompts)
+    if given and _plain_vectors(given):
+        return cast(list[Int64Array], given)
     arrays: list[Int64Array] = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(given):
         if type(prompt) is np.ndarray and prompt.dtype is INT64 and prompt.ndim == 1 and prompt.size:
             arrays.append(cast(Int64Array, prompt))
         else:
@@ -83,17 +102,45 @@ def token_arrays(prompts: Iterable[TokenInput], what: str) -> list[Int64Array]:
     return arrays
 
 
+def sizes_of(arrays: list[Int64Array]) -> Int64Array:
+    """The lengths of 1-D arrays, as an int64 array."""
+    return np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+
+
+def byte_bounds(sizes: Int64Array) -> list[int]:
+    """Byte offsets of items of ``sizes`` ids laid back to back: 0, then each item's end."""
+    bounds = np.empty(sizes.size + 1, dtype=np.int64)
+    bounds[0] = 0
+    np.cumsum(sizes * ID_BYTES, out=bounds[1:])
+    return cast(list[int], bounds.tolist())
+
+
 def validated_items(
     items: Iterable[tuple[TokenInput, Any]], block_size: int, num_blocks: int
-) -> tuple[list[Int64Array], list[Int64Array]]:
-    """The token arrays and block tables of ``(tokens, block_ids)`` items, shapes checked.
+) -> tuple[list[Int64Array], list[Int64Array], Int64Array]:
+    """The token arrays, block tables and token counts of ``(tokens, block_ids)`` items, shapes
+    checked.
 
     Token values and block ranges are left to one vectorised check over the whole batch;
-    int64 arrays of the right length pass through untouched.
+    int64 arrays of the right length pass through untouched (checked with ``map`` over the
+    batch; anything else is converted item by item).
     """
-    arrays: list[Int64Array] = []
-    tables: list[Int64Array] = []
-    for i, (tokens, block_ids) in enumerate(items):
+    given = items if type(items) is list else list(items)
+    if given:
+        try:
+            pairs = set(map(len, given)) == {2}
+        except TypeError:
+            pairs = False
+        if pairs:
+            arrays = list(map(_FIRST, given))
+            tables = list(map(_SECOND, given))
+            if _plain_vectors(arrays) and _plain_vectors(tables):
+                sizes = sizes_of(arrays)
+                if np.array_equal(sizes_of(tables), -(-sizes // block_size)):
+                    return arrays, tables, sizes
+    arrays = []
+    tables = []
+    for i, (tokens, block_ids) in enumerate(given):
         array = tokens
         if type(array) is not np.ndarray or array.dtype is not INT64 or array.ndim != 1 or not array.size:
             array = as_token_array(tokens, f"item {i}: tokens")
@@ -103,7 +150,8 @@ def validated_items(
             table = as_block_table(block_ids, needed, num_blocks, f"item {i}: block_ids")
         arrays.append(cast(Int64Array, array))
         tables.append(table)
-    return arrays, tables
+    return arrays, tables, sizes_of(arrays)
+
 
 
 def join_ids(arrays: list[Int64Array]) -> bytes:
@@ -115,7 +163,7 @@ def join_ids(arrays: list[Int64Array]) -> bytes:
         return b"".join([cast(Any, np.ascontiguousarray(a)) for a in buffers])
 
 
-def packed_bounds(offsets: Any, total: int) -> tuple[list[int], list[int]]:
+def packed_bounds(offsets: Any, total: int) -> tuple[list[int], Int64Array]:
     """Byte bounds and sizes of packed prompts, or :class:`InvalidArgument`."""
     try:
         raw = np.asarray(offsets)
@@ -130,7 +178,7 @@ def packed_bounds(offsets: Any, total: int) -> tuple[list[int], list[int]]:
             f"offsets must start at 0, end at len(tokens) = {total} and strictly increase "
             "(no empty prompt)"
         )
-    return (points * ID_BYTES).tolist(), sizes.tolist()
+    return (points * ID_BYTES).tolist(), sizes
 
 
 def block_at(path_blocks: bytes, index: int) -> int:
