@@ -35,7 +35,7 @@ from kvcluster.kv_payload import KVPayload
 from kvcluster.migration import MigrationDecision, MigrationPlanner
 from kvcluster.node_handles import NodeHandle
 from kvcluster.node_types import LookupReply, StoreReply
-from kvcluster.token_wire import tokens_to_wire
+from kvcluster.token_wire import PromptWire, prompt_to_wire, wire_dtype
 from routing.block_hashing import BlockHasher
 from routing.registry import PrefixRegistry
 from routing.router import RouteDecision, Router
@@ -122,6 +122,7 @@ class KVClient:
         self._router = Router(registry, config.router, self._hasher, clock=clock)
         self._planner = MigrationPlanner(config.model, config.migration)
         self._on_close = on_close
+        self._wire_dtype = wire_dtype(config.model.vocab_size)
 
     @property
     def nodes(self) -> list[str]:
@@ -142,7 +143,7 @@ class KVClient:
             migration = self._maybe_migrate(token_ids, namespace, decision)
             handle = self._nodes[decision.node_id]
             try:
-                reply: LookupReply = handle.call("lookup", tokens_to_wire(token_ids), namespace)
+                reply: LookupReply = handle.call("lookup", *self._wire(namespace, token_ids))
             except NodeUnavailable:
                 excluded.add(decision.node_id)
                 logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
@@ -159,6 +160,9 @@ class KVClient:
                 explanation=decision.reason,
                 migration=migration,
             )
+
+    def _wire(self, namespace: str, tokens: TokenArray) -> PromptWire:
+        return prompt_to_wire(namespace, tokens, self._wire_dtype)
 
     def _candidates(self, excluded: set[str]) -> list[str]:
         return [node for node in self._nodes if node not in excluded]
@@ -190,9 +194,9 @@ class KVClient:
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         start = time.perf_counter()
         src, dst = self._nodes[source], self._nodes[target]
-        wire = tokens_to_wire(token_ids)
-        pending = src.submit("export_prefix", wire, namespace)
-        reply: StoreReply = dst.call("import_prefix", wire, pending, namespace)
+        wire = self._wire(namespace, token_ids)
+        pending = src.submit("export_prefix", *wire)
+        reply: StoreReply = dst.call("import_prefix", pending, *wire)
         elapsed = time.perf_counter() - start
         self._planner.record_transfer(reply.new_tokens * self._spec.bytes_per_token, elapsed)
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
@@ -242,7 +246,7 @@ class KVClient:
             node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
         payload = KVPayload.from_tensor(kv)
         reply: StoreReply = self._nodes[node].call(
-            "store", tokens_to_wire(token_ids), payload, namespace, lease_id
+            "store", payload, lease_id, *self._wire(namespace, token_ids)
         )
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
 
@@ -281,7 +285,7 @@ class KVClient:
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         decision = self._router.route(token_ids, namespace, candidates=self._candidates(set()))
         reply: LookupReply = await self._nodes[decision.node_id].acall(
-            "lookup", tokens_to_wire(token_ids), namespace
+            "lookup", *self._wire(namespace, token_ids)
         )
         return RouteResult(reply.node_id, namespace, token_ids, reply.matched_tokens,
                            reply.blocks_per_tier, reply.lease_id, decision.reason)

@@ -3,7 +3,8 @@
 Ray needs the remote methods spelled out on the class, so each one forwards to the
 instrumented :class:`NodeEngine`. All state lives in the engine; this class only wires the
 registry client, the metrics exporter and the engine together.
-Prompts arrive in the wire format of :mod:`kvcluster.token_wire`.
+A prompt and its namespace arrive as the last arguments, in the frame of
+:mod:`kvcluster.token_wire`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kvcluster.metrics import InstrumentedNode, NodeMetrics
 from kvcluster.node_engine import NodeEngine
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply
 from kvcluster.registry_factory import build_registry
-from kvcluster.token_wire import tokens_from_wire
+from kvcluster.token_wire import prompt_from_wire
 from routing.registry import NodeLoad, PrefixRegistry
 
 
@@ -60,24 +61,27 @@ class NodeActor:
     def load(self) -> NodeLoad:
         return self._engine.load()
 
-    def lookup(self, tokens: Any, namespace: str = "default") -> LookupReply:
-        return self._node.lookup(tokens_from_wire(tokens), namespace)
+    def lookup(self, *prompt_wire: bytes) -> LookupReply:
+        namespace, tokens = prompt_from_wire(prompt_wire)
+        return self._node.lookup(tokens, namespace)
 
     def fetch(self, lease_id: str, namespace: str | None = None) -> KVPayload:
         return self._engine.fetch(lease_id, namespace)
 
-    def store(self, tokens: Any, payload: KVPayload | None, namespace: str = "default",
-              lease_id: str | None = None) -> StoreReply:
-        return self._node.store(tokens_from_wire(tokens), payload, namespace, lease_id)
+    def store(self, payload: KVPayload | None, lease_id: str | None, *prompt_wire: bytes) -> StoreReply:
+        namespace, tokens = prompt_from_wire(prompt_wire)
+        return self._node.store(tokens, payload, namespace, lease_id)
 
     def release(self, lease_id: str) -> bool:
         return self._engine.release(lease_id)
 
-    def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPayload | None:
-        return self._node.export_prefix(tokens_from_wire(tokens), namespace)
+    def export_prefix(self, *prompt_wire: bytes) -> KVPayload | None:
+        namespace, tokens = prompt_from_wire(prompt_wire)
+        return self._node.export_prefix(tokens, namespace)
 
-    def import_prefix(self, tokens: Any, payload: KVPayload | None, namespace: str = "default") -> StoreReply:
-        return self._node.import_prefix(tokens_from_wire(tokens), payload, namespace)
+    def import_prefix(self, payload: KVPayload | None, *prompt_wire: bytes) -> StoreReply:
+        namespace, tokens = prompt_from_wire(prompt_wire)
+        return self._node.import_prefix(tokens, payload, namespace)
 
     def drain_spills(self) -> bool:
         self._engine.drain_spills(timeout_s=60)
