@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -176,50 +176,49 @@ class EvictionPolicy:
     # deepest first (the order the leaf-first argument in the module docstring relies on).
 
     def touch_many(self, nodes: list[RadixNode], now: float) -> None:
-        """``touch_path`` for each node in order (one call for a batch).
-
-        With a recency order, the end state of touching one by one is reached with each node
-        stamped and moved once: the uses are walked from the last one backwards, so a node is
-        first met at its last use, which decides its place. A walk stops at a node met before
-        (its ancestors were all met with it) and only notes the use there; the noted uses are
-        added to those nodes' and their ancestors' counts at the end. No node is walked more
-        often than one by one would.
-        """
+        """``touch_path`` for each node in order (one call for a batch)."""
         if self.uses_frequency:
             touch = self.touch_path
             for node in nodes:
                 touch(node, now)
             return
-        met: set[RadixNode] = set()
-        meet = met.add
-        stops: list[RadixNode] = []  # nodes met again: one entry per use noted there
-        stop = stops.append
-        backwards: list[RadixNode] = []  # the touched nodes, last place first
-        place = backwards.insert
-        for node in reversed(nodes):
-            if node in met:
-                stop(node)
-                continue
-            mark = len(backwards)  # this use's path goes here, deepest node last
-            parent = node.parent
-            while parent is not None:
-                meet(node)
+        move = self._recency.move_to_end
+        for node in nodes:
+            while node.parent is not None:
                 node.last_access = now
                 node.freq += 1
-                place(mark, node)
-                if parent in met:
-                    stop(parent)
-                    break
-                node = parent
-                parent = node.parent
-        move = self._recency.move_to_end
-        for node in reversed(backwards):
-            if not node.pin_count:
-                move(node)
-        for node, uses in Counter(stops).items():
-            while node.parent is not None:
-                node.freq += uses
+                if not node.pin_count:
+                    move(node)
                 node = node.parent
+
+    def track_and_touch(self, nodes: list[RadixNode], now: float) -> None:
+        """``track_many(nodes)`` then ``touch_many(nodes, now)``, for new unpinned leaves
+        (none an ancestor of an earlier one, as the leaves a batch insert creates, in order).
+
+        With a recency order each leaf is appended when its turn comes instead of being
+        appended and then moved: every leaf is touched, and a leaf's place is decided by its
+        touch, so the end state is the same.
+        """
+        if self.uses_frequency:
+            self.track_many(nodes)
+            self.touch_many(nodes, now)
+            return
+        recency = self._recency
+        expected = len(recency) + len(nodes)
+        move = recency.move_to_end
+        for node in nodes:
+            node.last_access = now
+            node.freq += 1
+            recency[node] = None
+            node = node.parent
+            while node.parent is not None:
+                node.last_access = now
+                node.freq += 1
+                if not node.pin_count:
+                    move(node)
+                node = node.parent
+        assert len(recency) == expected, "track_and_touch was given a node already tracked"
+        self._size += len(nodes)
 
     def _touch_recency(self, node: RadixNode, now: float) -> None:
         move = self._recency.move_to_end

@@ -588,10 +588,10 @@ class PrefixIndex(PinsMixin):
         self._blocks_used += new_ids.size - shared
         self._nodes += next_id - first_id
         policy = self._policy
-        policy.track_many(leaves)
-        if uppers:
+        if uppers:  # every new node is touched below, which decides its place
             policy.track_many([n for n in uppers if not n.pin_count])
         if present:  # interleave the touches of cached items with the new leaves', in order
+            policy.track_many(leaves)
             touched: list[RadixNode] = []
             done = 0
             for before, node in present:
@@ -601,7 +601,7 @@ class PrefixIndex(PinsMixin):
             touched += leaves[done:]
             policy.touch_many(touched, now)
         else:
-            policy.touch_many(leaves, now)
+            policy.track_and_touch(leaves, now)
         new_tokens = new_bytes >> 3
         if skipped:
             size_array = np.asarray(sizes, dtype=np.int64)
