@@ -206,12 +206,12 @@ class EvictionPolicy:
         recency = self._recency
         expected = len(recency) + len(nodes)
         move = recency.move_to_end
-        for node in nodes:
-            node.last_access = now
-            node.freq += 1
-            recency[node] = None
-            node = node.parent
-            while node.parent is not None:
+        for leaf in nodes:
+            leaf.last_access = now
+            leaf.freq += 1
+            recency[leaf] = None
+            node = leaf.parent
+            while node is not None and node.parent is not None:  # up to the root, excluded
                 node.last_access = now
                 node.freq += 1
                 if not node.pin_count:
