@@ -66,3 +66,33 @@ class KVPayload:
     @property
     def nbytes(self) -> int:
         return int(self.data.size)
+
+
+@dataclass(frozen=True, slots=True)
+class KVPages:
+    """Whole KV pages in the cache's own page layout: what one node sends another.
+
+    ``data`` is ``(pages, page_bytes)`` uint8; page ``i`` holds tokens ``[i * block_size,
+    (i + 1) * block_size)`` of the prefix, laid out ``page_shape`` = ``(layers,
+    kv_components, block_size, kv_heads, head_dim)`` in ``dtype``, and only the first
+    ``num_tokens`` tokens are meaningful (the last page may be partial). Node-to-node pulls use
+    this form rather than :class:`KVPayload`: gathering and scattering whole pages is a
+    memcpy per page, while the token-major layout costs a strided transpose at each end.
+    """
+
+    data: np.ndarray
+    dtype: str
+    page_shape: tuple[int, ...]
+    num_tokens: int
+
+    def check_compatible(self, dtype: torch.dtype, page_shape: tuple[int, ...]) -> None:
+        """:class:`InvalidKV` unless these pages have the receiving cache's dtype and shape."""
+        if self.dtype != dtype_name(dtype) or tuple(self.page_shape) != tuple(page_shape):
+            raise InvalidKV(
+                f"pages of {self.dtype} {tuple(self.page_shape)} do not fit a cache of "
+                f"{dtype_name(dtype)} {tuple(page_shape)}"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.size)

@@ -23,7 +23,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvcluster.kv_payload import KVPayload
+from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.node_types import LookupReply, NodeStats, StoreReply
 
 if TYPE_CHECKING:
@@ -125,12 +125,12 @@ class InstrumentedNode:
         self.metrics.stored_tokens.labels(self.node.node_id).inc(reply.new_tokens)
         return reply
 
-    def import_prefix(self, tokens: Any, payload: KVPayload | None, namespace: str = "default") -> StoreReply:
+    def import_prefix(self, tokens: Any, payload: KVPages | None, namespace: str = "default") -> StoreReply:
         reply = self.node.import_prefix(tokens, payload, namespace)
         self.metrics.migrations.labels(self.node.node_id, "in").inc()
         return reply
 
-    def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPayload | None:
+    def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPages | None:
         payload = self.node.export_prefix(tokens, namespace)
         if payload is not None:
             self.metrics.migrations.labels(self.node.node_id, "out").inc()

@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.kv_payload import KVPayload
+from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.metrics import InstrumentedNode, NodeMetrics
 from kvcluster.node_engine import NodeEngine
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply
@@ -75,11 +75,11 @@ class NodeActor:
     def release(self, lease_id: str) -> bool:
         return self._engine.release(lease_id)
 
-    def export_prefix(self, *prompt_wire: bytes) -> KVPayload | None:
+    def export_prefix(self, *prompt_wire: bytes) -> KVPages | None:
         namespace, tokens = prompt_from_wire(prompt_wire)
         return self._node.export_prefix(tokens, namespace)
 
-    def import_prefix(self, payload: KVPayload | None, *prompt_wire: bytes) -> StoreReply:
+    def import_prefix(self, payload: KVPages | None, *prompt_wire: bytes) -> StoreReply:
         namespace, tokens = prompt_from_wire(prompt_wire)
         return self._node.import_prefix(tokens, payload, namespace)
 

@@ -37,8 +37,8 @@ from kvcluster.core.kv_engine import PagedKVEngine
 from kvcluster.core.prefix_index import PrefixIndex
 from kvcluster.core.prefix_records import EvictedBlock, Lease, PrefixMatch
 from kvcluster.core.token_input import as_token_array, check_token_range
-from kvcluster.errors import InvalidTokens, PageCorrupt
-from kvcluster.kv_payload import KVPayload
+from kvcluster.errors import InvalidKV, InvalidTokens, PageCorrupt
+from kvcluster.kv_payload import KVPages, KVPayload, dtype_name
 from kvcluster.leases import LeaseTable
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply, identity_for
 from kvcluster.registry_publisher import RegistryPublisher
@@ -277,17 +277,20 @@ class NodeEngine:
 
     def _read_spilled(self, keys: list[int]) -> list[torch.Tensor]:
         """Spilled pages as ``(L, C, block_size, H, D)`` tensors, stopping at a corrupt one."""
-        assert self._spill is not None
         shape = self._engine.pages.page_shape
         dtype = self._engine.pages.dtype
+        return [raw.view(dtype).reshape(shape).to(self._device) for raw in self._read_spilled_raw(keys)]
+
+    def _read_spilled_raw(self, keys: list[int]) -> list[torch.Tensor]:
+        """Spilled pages as raw uint8 tensors, in order, stopping at a corrupt one."""
+        assert self._spill is not None
         pages = []
         for key in keys:
             try:
-                raw = self._spill.read(key)
+                pages.append(self._spill.read(key))
             except PageCorrupt:
                 logger.warning("node %s: spilled page %d is corrupt; dropped", self.node_id, key)
                 break
-            pages.append(raw.view(dtype).reshape(shape).to(self._device))
         return pages
 
     def store(
@@ -319,16 +322,28 @@ class NodeEngine:
                         raise PageCorrupt("a leased spilled page is corrupt; store the full K/V")
                     new = [*spilled, kv] if kv is not None else spilled
                     kv = torch.cat(new, dim=2)
-            seq = self._engine.create_sequence(
-                token_ids, kv, shared_blocks=shared_blocks, shared_tokens=shared_tokens
-            )
-            try:
-                block_table = self._engine.block_table(seq)
-                inserted = self._index.insert(token_ids, block_table, namespace)
-            finally:
-                self._engine.free(seq)
-            published = self._register_blocks(token_ids, block_table, namespace)
+            reply = self._cache_sequence(token_ids, namespace, kv=kv, shared_blocks=shared_blocks,
+                                         shared_tokens=shared_tokens)
         self._finish()
+        return reply
+
+    def _cache_sequence(self, token_ids: TokenArray, namespace: str, *,
+                        kv: torch.Tensor | None = None,
+                        kv_pages: npt.NDArray[np.uint8] | None = None,
+                        shared_blocks: npt.NDArray[np.int64] | None = None,
+                        shared_tokens: int = 0) -> StoreReply:
+        """Under ``_lock``: write the K/V into fresh blocks, hand them to the prefix index,
+        queue their stored events. The temporary sequence is always freed."""
+        seq = self._engine.create_sequence(
+            token_ids, kv, kv_pages=kv_pages, shared_tokens=shared_tokens,
+            shared_blocks=shared_blocks if shared_blocks is not None else (),
+        )
+        try:
+            block_table = self._engine.block_table(seq)
+            inserted = self._index.insert(token_ids, block_table, namespace)
+        finally:
+            self._engine.free(seq)
+        published = self._register_blocks(token_ids, block_table, namespace)
         return StoreReply(self.node_id, namespace, inserted.cached_tokens + inserted.new_tokens,
                           inserted.new_tokens, published)
 
@@ -392,29 +407,46 @@ class NodeEngine:
 
     # --- migration ---------------------------------------------------------------------------
 
-    def export_prefix(self, tokens: object, namespace: str = "default") -> KVPayload | None:
-        """The K/V this node holds for the longest prefix of ``tokens`` (None: nothing)."""
+    def export_prefix(self, tokens: object, namespace: str = "default") -> KVPages | None:
+        """The pages this node holds for the longest prefix of ``tokens`` (None: nothing), in
+        page layout for :meth:`import_prefix` on a peer. Device pages are gathered under the
+        lock (a memcpy per page); spilled pages are read after it, pinned by the lease."""
         reply = self.lookup(tokens, namespace)
         if reply.lease_id is None:
             return None
+        pages = self._engine.pages
         try:
-            payload = self.fetch(reply.lease_id, namespace)
+            with self._lock:
+                hold = self._leases.get(reply.lease_id, namespace).hold
+                device_pages = -(-hold.device_tokens // self._block_size)
+                rows = pages.gather_pages(hold.device_match.block_ids[:device_pages])
+            num_tokens = hold.device_tokens
+            if hold.spill_keys:  # then the device part is a whole number of blocks
+                spilled = [raw.cpu().numpy().reshape(1, -1) for raw in self._read_spilled_raw(hold.spill_keys)]
+                rows = np.concatenate([rows, *spilled])
+                num_tokens += len(spilled) * self._block_size
         finally:
             self.release(reply.lease_id)
         with self._lock:
             self._counters["migrations_out"] += 1
-        return payload
+        return KVPages(rows, dtype_name(pages.dtype), pages.page_shape, num_tokens)
 
-    def import_prefix(self, tokens: object, payload: KVPayload | None,
+    def import_prefix(self, tokens: object, payload: KVPages | None,
                       namespace: str = "default") -> StoreReply:
-        """Store a prefix pulled from a peer: ``payload`` covers the leading tokens."""
+        """Cache a prefix pulled from a peer: ``payload`` (from its :meth:`export_prefix`)
+        holds the pages of the leading ``payload.num_tokens`` tokens, written as they are."""
         token_ids = self._tokens(tokens)
         if payload is None:
             return StoreReply(self.node_id, namespace, 0, 0, 0)
-        count = payload.shape[2]
-        reply = self.store(token_ids[:count], payload, namespace)
+        if not isinstance(payload, KVPages):
+            raise InvalidKV(f"import_prefix takes KVPages, got {type(payload).__name__}")
+        payload.check_compatible(self._engine.pages.dtype, self._engine.pages.page_shape)
+        if not 0 < payload.num_tokens <= token_ids.size:
+            raise InvalidKV(f"the pages hold {payload.num_tokens} tokens of a {token_ids.size}-token prompt")
         with self._lock:
+            reply = self._cache_sequence(token_ids[: payload.num_tokens], namespace, kv_pages=payload.data)
             self._counters["migrations_in"] += 1
+        self._finish()
         return reply
 
     # --- maintenance and introspection -------------------------------------------------------

@@ -177,6 +177,7 @@ class PagedKVEngine:
         *,
         shared_blocks: SequenceOf[int] | BlockIds = (),
         shared_tokens: int = 0,
+        kv_pages: npt.NDArray[np.uint8] | None = None,
     ) -> SequenceId:
         """A new sequence holding ``tokens``; ``kv`` is the K/V of ``tokens[shared_tokens:]``.
 
@@ -187,6 +188,10 @@ class PagedKVEngine:
         first ``shared_tokens % block_size`` rows into a fresh block (copy-on-write). ``kv`` may
         be ``None`` only when there are no new tokens. All or nothing: on any error (including
         :class:`CapacityError`) nothing changes.
+
+        ``kv_pages`` replaces ``kv`` with whole pages in this cache's own layout (as
+        :meth:`PageBuffer.gather_pages` returns them, e.g. from a peer node): written without
+        any layout change, which needs ``shared_tokens`` to be a whole number of blocks.
         """
         token_ids = self._validate_tokens(tokens)
         if isinstance(shared_tokens, bool) or not isinstance(shared_tokens, int | np.integer):
@@ -202,7 +207,15 @@ class PagedKVEngine:
                 f"a sequence of {token_ids.size} tokens exceeds max_context {self.max_context}"
             )
         new_tokens = token_ids.size - shared_tokens
-        if kv is None:
+        if kv_pages is not None:
+            if kv is not None:
+                raise InvalidArgument("pass kv or kv_pages, not both")
+            if shared_tokens % self.block_size:
+                raise InvalidArgument(
+                    f"kv_pages need a shared prefix of whole blocks; shared_tokens is {shared_tokens}"
+                )
+            self.pages.check_pages(kv_pages, new_tokens, "kv_pages")
+        elif kv is None:
             if new_tokens:
                 raise InvalidKV(
                     f"kv is required for the {new_tokens} token(s) after the shared prefix"
@@ -220,8 +233,9 @@ class PagedKVEngine:
         state.append_tokens(token_ids[:shared_tokens], self.max_context)
         try:
             if new_tokens:
-                assert kv is not None
-                self._extend(state, token_ids[shared_tokens:], kv)
+                source = kv if kv is not None else kv_pages
+                assert source is not None
+                self._extend(state, token_ids[shared_tokens:], source)
         except CapacityError:
             self.pool.decref(shared)
             raise
@@ -422,9 +436,11 @@ class PagedKVEngine:
         assert ids is not None, "allocation failed after the free count said it fits"
         return ids
 
-    def _extend(self, state: SequenceState, token_ids: npt.NDArray[np.int64], kv: torch.Tensor) -> None:
-        """Append validated tokens and K/V: take the blocks (raises before any change), copy a
-        shared partial tail, write the pages, then extend the record."""
+    def _extend(self, state: SequenceState, token_ids: npt.NDArray[np.int64],
+                kv: torch.Tensor | npt.NDArray[np.uint8]) -> None:
+        """Append validated tokens and K/V (a tensor, or whole pages when the sequence ends on
+        a block boundary): take the blocks (raises before any change), copy a shared partial
+        tail, write the pages, then extend the record."""
         n = token_ids.size
         bs = self.block_size
         cow = self._tail_is_shared(state)
@@ -441,7 +457,11 @@ class PagedKVEngine:
             fresh = fresh[1:]
         first = state.num_tokens // bs
         state.append_blocks(fresh, self.max_blocks_per_sequence)
-        self.pages.write_tokens(state.table[first : state.num_blocks], state.num_tokens % bs, kv)
+        run = state.table[first : state.num_blocks]
+        if isinstance(kv, np.ndarray):
+            self.pages.write_pages(run, kv, n)
+        else:
+            self.pages.write_tokens(run, state.num_tokens % bs, kv)
         state.append_tokens(token_ids, self.max_context)
 
     def _validate_tokens(self, tokens: TokenInput) -> npt.NDArray[np.int64]:

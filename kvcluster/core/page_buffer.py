@@ -60,6 +60,9 @@ class PageBuffer:
         # The tensor's own device: "cuda" resolves to "cuda:0", so comparisons are exact.
         self.device = self.pages.device
         self.rows_filled: npt.NDArray[np.int32] = np.zeros(num_blocks, dtype=np.int32)
+        # Every page as one row of raw bytes (a view): whole-page copies between nodes and
+        # tiers are row gathers and scatters on it, in any dtype, with no layout change.
+        self._page_rows = self.pages.view(torch.uint8).reshape(num_blocks, -1)
 
     @property
     def page_bytes(self) -> int:
@@ -181,6 +184,39 @@ class PageBuffer:
         flat = sel.permute(1, 0, 2, 3, 4).reshape(comps, n * bs, heads, dim)
         offset = first * bs
         return flat[:, start - offset : end - offset]
+
+    def gather_pages(self, block_ids: BlockIds) -> npt.NDArray[np.uint8]:
+        """The pages of ``block_ids`` as a new ``(len(block_ids), page_bytes)`` uint8 array
+        in host memory, in this buffer's own page layout."""
+        ids = as_block_ids(block_ids)
+        if self.device.type == "cpu":
+            # numpy's row gather is a plain memcpy per page, several times faster than
+            # index_select over the 6-D page tensor.
+            rows: npt.NDArray[np.uint8] = self._page_rows.numpy()[ids]
+            return rows
+        index = _index_tensor(ids, self.device)
+        return self._page_rows.index_select(0, index).cpu().numpy()
+
+    def check_pages(self, rows: npt.NDArray[np.uint8], num_tokens: int, what: str = "pages") -> None:
+        """Raise :class:`InvalidKV` unless ``rows`` is ``(ceil(num_tokens / block_size),
+        page_bytes)`` uint8, as :meth:`gather_pages` returns."""
+        expected = (-(-num_tokens // self.block_size), self.page_bytes)
+        if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.shape != expected:
+            got = (f"{rows.dtype} {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__)
+            raise InvalidKV(f"{what} are {got}; {num_tokens} tokens need uint8 {expected}")
+
+    def write_pages(self, block_ids: BlockIds, rows: npt.NDArray[np.uint8], num_tokens: int) -> None:
+        """Write whole pages (:meth:`check_pages`-valid ``rows``) holding the first
+        ``num_tokens`` tokens of the run of ``block_ids``; the last page may be partial."""
+        ids = as_block_ids(block_ids)[: rows.shape[0]]
+        if not ids.size:
+            return
+        if self.device.type == "cpu":
+            self._page_rows.numpy()[ids] = rows  # works from read-only (object store) memory
+        else:
+            source = torch.from_numpy(rows if rows.flags.writeable else rows.copy())
+            self._page_rows.index_copy_(0, _index_tensor(ids, self.device), source.to(self.device))
+        self._mark_filled(ids, 0, num_tokens)
 
     def copy_block(self, src: int, dst: int, num_tokens: int | None = None) -> None:
         """Copy page ``src`` into page ``dst`` (only its first ``num_tokens`` rows if given)."""

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.errors import InvalidTokens, LeaseError, RegistryUnavailable
-from kvcluster.kv_payload import KVPayload
+from kvcluster.errors import InvalidKV, InvalidTokens, LeaseError, RegistryUnavailable
+from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.node_engine import NodeEngine
 from kvcluster.synthetic_kv import SyntheticKV
 from routing.block_hashing import BlockHasher
@@ -186,6 +186,72 @@ def test_store_promotes_a_spilled_prefix(node: NodeEngine, kv_model: SyntheticKV
     assert again.lease_id is not None
     assert torch.equal(node.fetch(again.lease_id).to_tensor(), expected)
     node.release(again.lease_id)
+
+
+@pytest.fixture
+def peer(registry: FlakyRegistry, clock: FakeClock) -> Iterator[NodeEngine]:
+    engine = NodeEngine("n1", make_config(), registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+    yield engine
+    engine.check_invariants()
+    engine.shutdown()
+
+
+def fetch_all(node: NodeEngine, tokens: np.ndarray) -> tuple[int, torch.Tensor]:
+    reply = node.lookup(tokens)
+    assert reply.lease_id is not None
+    try:
+        return reply.matched_tokens, node.fetch(reply.lease_id).to_tensor()
+    finally:
+        node.release(reply.lease_id)
+
+
+@pytest.mark.parametrize("length", [16, 37, 100])
+def test_exported_pages_import_bit_exact_on_a_peer(
+    node: NodeEngine, peer: NodeEngine, kv_model: SyntheticKV, length: int
+) -> None:
+    tokens = np.arange(30000, 30000 + length)
+    store_all(node, kv_model, tokens)
+    pages = node.export_prefix(np.concatenate([tokens, [1, 2, 3]]))  # a longer prompt: its prefix
+    assert pages is not None and pages.num_tokens == length
+    assert pages.data.shape == (-(-length // 16), 16 * make_config().model.bytes_per_token)
+    pages.data.flags.writeable = False  # as it arrives from the object store
+    reply = peer.import_prefix(tokens, pages)
+    assert (reply.cached_tokens, reply.new_tokens) == (length, length)
+    matched, kv = fetch_all(peer, tokens)
+    assert matched == length and torch.equal(kv, kv_model.kv(tokens))
+    assert node.stats().leases == 0  # the export's lease is released
+    assert node.export_prefix(np.arange(7, 30)) is None
+
+
+def test_export_includes_spilled_pages(node: NodeEngine, peer: NodeEngine, kv_model: SyntheticKV) -> None:
+    first = np.arange(25000, 25096)
+    store_all(node, kv_model, first)
+    for i in range(12):  # push ``first`` out to the host tier
+        store_all(node, kv_model, np.arange(160) + 26000 + 200 * i)
+    node.drain_spills()
+    spilled = node.lookup(first)
+    assert spilled.blocks_per_tier.get("cpu", 0) == 6 and spilled.lease_id is not None
+    node.release(spilled.lease_id)
+    pages = node.export_prefix(first)
+    assert pages is not None and pages.num_tokens == 96
+    peer.import_prefix(first, pages)
+    matched, kv = fetch_all(peer, first)
+    assert matched == 96 and torch.equal(kv, kv_model.kv(first))
+
+
+def test_import_refuses_pages_that_do_not_fit(node: NodeEngine, peer: NodeEngine, kv_model: SyntheticKV) -> None:
+    tokens = np.arange(500, 564)
+    store_all(node, kv_model, tokens)
+    pages = node.export_prefix(tokens)
+    assert pages is not None
+    before = peer.stats()
+    with pytest.raises(InvalidKV, match=r"pages of float32 \(2, 2, 8, 2, 16\) do not fit a cache of float32 \(2, 2, 16, 2, 16\)"):
+        peer.import_prefix(tokens, KVPages(pages.data, pages.dtype, (2, 2, 8, 2, 16), 64))
+    with pytest.raises(InvalidKV, match="pages hold 64 tokens of a 10-token prompt"):
+        peer.import_prefix(tokens[:10], pages)
+    with pytest.raises(InvalidKV, match="import_prefix takes KVPages, got KVPayload"):
+        peer.import_prefix(tokens, KVPayload.from_tensor(kv_model.kv(tokens)))  # type: ignore[arg-type]
+    assert peer.stats() == before
 
 
 def test_bad_tokens_change_nothing(node: NodeEngine, kv_model: SyntheticKV) -> None:

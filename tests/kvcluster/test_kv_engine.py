@@ -341,6 +341,51 @@ def test_create_with_shared_prefix_blocks(engine: PagedKVEngine) -> None:
     engine.check_invariants()
 
 
+@pytest.mark.parametrize("length", [1, 16, 40, 48])
+def test_whole_pages_round_trip_between_engines(length: int) -> None:
+    source = PagedKVEngine(TINY, block_size=16, num_blocks=32)
+    target = PagedKVEngine(TINY, block_size=16, num_blocks=32)
+    scatter = target.create_sequence(list(range(16)), make_kv(TINY, 16, seed=3))  # offsets the run
+    kv = make_kv(TINY, length, seed=4)
+    seq = source.create_sequence(list(range(length)), kv)
+    rows = source.pages.gather_pages(source.block_table(seq))
+    assert rows.shape == (-(-length // 16), source.pages.page_bytes) and rows.dtype == np.uint8
+    rows.flags.writeable = False  # as it arrives from Ray's object store
+    copy = target.create_sequence(list(range(length)), kv_pages=rows)
+    assert torch.equal(target.read_kv(copy), kv)
+    assert target.pages.rows_filled[target.block_table(copy)[-1]] == (length - 1) % 16 + 1
+    target.free(scatter)
+    target.check_invariants()
+
+
+def test_whole_pages_after_a_shared_prefix_of_whole_blocks(engine: PagedKVEngine) -> None:
+    kv = make_kv(TINY, 40)
+    donor = engine.create_sequence(list(range(40)), kv)
+    table = engine.block_table(donor)
+    rows = engine.pages.gather_pages(table[1:])
+    seq = engine.create_sequence(list(range(40)), kv_pages=rows, shared_blocks=table[:1], shared_tokens=16)
+    assert torch.equal(engine.read_kv(seq), kv)
+    assert engine.block_table(seq)[0] == table[0]
+    engine.check_invariants()
+
+
+def test_bad_pages_are_rejected_and_change_nothing(engine: PagedKVEngine) -> None:
+    kv = make_kv(TINY, 40)
+    donor = engine.create_sequence(list(range(40)), kv)
+    table = engine.block_table(donor)
+    rows = engine.pages.gather_pages(table)
+    before = snapshot(engine)
+    with pytest.raises(InvalidKV, match=r"kv_pages are uint8 \(3, 8192\); 20 tokens need uint8 \(2, 8192\)"):
+        engine.create_sequence(list(range(20)), kv_pages=rows)
+    with pytest.raises(InvalidKV, match="kv_pages are float32"):
+        engine.create_sequence(list(range(40)), kv_pages=rows.view(np.float32))
+    with pytest.raises(InvalidArgument, match="not both"):
+        engine.create_sequence(list(range(40)), kv, kv_pages=rows)
+    with pytest.raises(InvalidArgument, match="whole blocks; shared_tokens is 20"):
+        engine.create_sequence(list(range(40)), kv_pages=rows[1:], shared_blocks=table[:2], shared_tokens=20)
+    assert_same_state(before, engine)
+
+
 def test_create_with_only_shared_tokens_needs_no_kv(engine: PagedKVEngine) -> None:
     kv = make_kv(TINY, 40)
     donor = engine.create_sequence(list(range(40)), kv)
