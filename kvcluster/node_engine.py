@@ -143,7 +143,7 @@ class NodeEngine:
             memory_budget_bytes=eviction.memory_budget_bytes,
             on_evict=self._on_evict,
         )
-        self._engine.set_reclaimer(self._index.evict)
+        self._engine.set_reclaimer(self._reclaim)
         self._engine.set_reclaimable(self._index.reclaimable_blocks)
         self._hasher = BlockHasher(
             algorithm=config.hashing.algorithm,
@@ -162,6 +162,7 @@ class NodeEngine:
         # can be demoted (or unregistered) under the key the registry knows it by.
         self._block_keys: dict[int, _BlockKey] = {}
         self._pending_spills: list[_PendingSpill] = []
+        self._evicted_pages: list[tuple[_BlockKey, TokenArray, int]] = []  # not copied out yet
         # One thread, so spills are written in eviction order and drain_spills() is a barrier.
         self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
@@ -364,20 +365,38 @@ class NodeEngine:
     def _on_evict(self, evicted: EvictedBlock) -> None:
         """Queue an evicted full block for demotion to the spill tiers, or unregister it.
 
-        Runs under ``_lock`` inside an allocation: the page is copied now (the block is reused
-        as soon as this returns), but the tier writes wait for :meth:`_finish`, after the lock
-        is released, so an eviction of a long prefix never stalls the node's other calls.
+        Runs under ``_lock`` inside an eviction. The page is still intact here, and stays so
+        until :meth:`_capture_evicted_pages` (called by every path that evicts, before the
+        block can be reused) copies all of an eviction's pages out in one gather. The tier
+        writes wait for :meth:`_finish`, after the lock is released, so an eviction of a long
+        prefix never stalls the node's other calls.
         """
         key = self._block_keys.pop(evicted.block_id, None)
         if key is None:
             return  # a partial block: never registered, nothing to keep
         if self._spill is not None and evicted.end - evicted.start == self._block_size:
-            page = self._engine.pages.pages[evicted.block_id].reshape(-1).view(torch.uint8)
-            self._pending_spills.append(
-                _PendingSpill(key, evicted.tokens.copy(), page.to("cpu", copy=True))
-            )
+            self._evicted_pages.append((key, evicted.tokens.copy(), evicted.block_id))
             return
         self._publisher.add(key.event(None))
+
+    def _reclaim(self, num_blocks: int) -> int:
+        """The engine's reclaimer: evict from the prefix cache, then copy the evicted pages
+        out before the engine hands their blocks to the allocation that asked."""
+        freed = self._index.evict(num_blocks)
+        self._capture_evicted_pages()
+        return freed
+
+    def _capture_evicted_pages(self) -> None:
+        """Under ``_lock``: copy the pages of the blocks evicted since the last call into
+        host memory (one gather), queued for the spill writer."""
+        if not self._evicted_pages:
+            return
+        evicted, self._evicted_pages = self._evicted_pages, []
+        rows = self._engine.pages.gather_pages(np.array([block for _, _, block in evicted], dtype=np.int64))
+        pages = torch.from_numpy(rows)
+        self._pending_spills.extend(
+            _PendingSpill(key, tokens, pages[i]) for i, (key, tokens, _) in enumerate(evicted)
+        )
 
     def _finish(self) -> None:
         """After a call released ``_lock``: hand queued spills to the spill writer, publish.
@@ -387,6 +406,7 @@ class NodeEngine:
         events follow when each batch is written.
         """
         with self._lock:
+            assert not self._evicted_pages, "evicted pages were not copied out before a reuse"
             pending, self._pending_spills = self._pending_spills, []
         if pending:
             self._spill_writer.submit(self._write_spills, pending)
@@ -456,6 +476,7 @@ class NodeEngine:
             self._leases.expire()
             self._index.evict_expired()
             self._index.enforce_memory_budget()
+            self._capture_evicted_pages()
         self._finish()
 
     def _all_held_blocks(self) -> list[BlockEvent]:
