@@ -66,7 +66,7 @@ from kvcluster.core.prefix_records import (
     MatchBatch,
     PrefixMatch,
 )
-from kvcluster.core.radix_node import ID_BYTES, RadixNode, ids_from_bytes
+from kvcluster.core.radix_node import ID_BYTES, LEAF_CHILDREN, RadixNode, ids_from_bytes
 from kvcluster.core.radix_walk import (
     block_at,
     byte_bounds,
@@ -75,7 +75,6 @@ from kvcluster.core.radix_walk import (
     join_ids,
     packed_bounds,
     shared_boundary_blocks,
-    sizes_of,
     token_arrays,
     validated_items,
 )
@@ -87,6 +86,8 @@ logger = logging.getLogger(__name__)
 Int64Array = npt.NDArray[np.int64]
 #: Batch inserts of at least this many items pause the cyclic garbage collector.
 GC_PAUSE_ITEMS = 256
+# _insert_items creates leaves without the class call and sets each of these slots itself.
+assert len(RadixNode.__slots__) == 12, "RadixNode gained a slot: set it in _insert_items too"
 EvictionListener = Callable[[EvictedBlock], None]
 
 
@@ -245,8 +246,8 @@ class PrefixIndex(PinsMixin):
         """
         if type(namespace) is not str:
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
-        arrays = token_arrays(prompts, "prompt")
-        bounds = byte_bounds(sizes_of(arrays))
+        arrays, sizes = token_arrays(prompts, "prompt")
+        bounds = byte_bounds(sizes)
         buffer = join_ids(arrays)
         check_token_range(ids_from_bytes(buffer), 0, self._vocab)
         return self._lookup_buffer(buffer, bounds, namespace)
@@ -496,6 +497,10 @@ class PrefixIndex(PinsMixin):
             size_array = np.asarray(sizes, dtype=np.int64)
             bounds = byte_bounds(size_array)
             block_bounds = byte_bounds(-(-size_array // bs))
+        startswith = tokens.startswith
+        new_node = object.__new__
+        add_leaf = leaves.append
+        add_own = adopted.append
         for start, end, block_start, block_end in zip(bounds, bounds[1:], block_bounds, block_bounds[1:]):
             if end - start < shortest:
                 skipped += 1
@@ -503,20 +508,21 @@ class PrefixIndex(PinsMixin):
             # _descend, inlined (no tuple per item: this loop is the hot path of inserts).
             node = root
             pos = start
-            first = b""
-            while pos < end:
-                first = tokens[pos : pos + ID_BYTES]
+            while True:
+                first = tokens[pos : pos + 8]  # ID_BYTES
                 child = node.children.get(first)
                 if child is None:
                     break
                 key = child.key
-                if tokens.startswith(key, pos, end):
+                if startswith(key, pos, end):
                     pos += len(key)
                     node = child
-                    continue
+                    if pos < end:
+                        continue
+                    break
                 pos += common_prefix(key, tokens, pos, end)
                 node = child
-                first = tokens[pos : pos + ID_BYTES]
+                first = tokens[pos : pos + 8]
                 break
             depth = (pos - start) >> 3
             if depth < node.end:  # the walk stopped inside node's edge: split it there
@@ -538,19 +544,32 @@ class PrefixIndex(PinsMixin):
                     marked.append(parent)
                 present.append((len(leaves), parent))
                 continue
-            low = (depth // bs) * ID_BYTES
+            low = (depth // bs) * 8  # ID_BYTES
             own = blocks[block_start + low : block_end]
-            key = tokens[pos:end]
-            leaf = RadixNode(key, depth, parent, parent.path_blocks[:low] + own, namespace, next_id, now)
+            # RadixNode(tokens[pos:end], depth, parent, path, namespace, next_id, now), spelled
+            # out to skip the class call's own cost (about 5% of a batch insert).
+            leaf = new_node(RadixNode)
+            leaf.key = tokens[pos:end]
+            leaf.start = depth
+            leaf.end = (end - start) >> 3
+            leaf.parent = parent
+            leaf.children = LEAF_CHILDREN
+            leaf.path_blocks = parent.path_blocks[:low] + own
+            leaf.namespace = namespace
+            leaf.node_id = next_id
+            leaf.last_access = now
+            leaf.freq = 0
+            leaf.pin_count = 0
+            leaf.terminal = True
             children = parent.children
             if children:
                 children[first] = leaf
             else:  # a leaf's children are a shared read-only empty mapping (see RadixNode)
                 parent.children = {first: leaf}
             next_id += 1
-            leaves.append(leaf)
-            adopted.append(own)
-            new_bytes += len(key)
+            add_leaf(leaf)
+            add_own(own)
+            new_bytes += end - pos
         self._next_node_id = next_id
 
         new_ids = ids_from_bytes(b"".join(adopted)) if adopted else np.empty(0, dtype=np.int64)

@@ -34,12 +34,15 @@ _SECOND = itemgetter(1)
 def common_prefix(key: bytes, query: bytes, pos: int, end: int) -> int:
     """Bytes (a multiple of 8, at least 8) that ``key`` shares with ``query[pos:end]``.
 
-    The caller knows the first token matches (it found the child by it).
+    The caller knows the first token matches (it found the child by it). The second token is
+    checked first: two prompts that share a first token by chance usually differ there.
     """
     limit = min(len(key), end - pos) // ID_BYTES
     if limit <= BISECT_TOKENS:
+        if limit == 1 or not query.startswith(key[: 2 * ID_BYTES], pos, end):
+            return ID_BYTES
         view = memoryview(query)
-        low, high = 1, limit
+        low, high = 2, limit
         while low < high:
             mid = (low + high + 1) >> 1
             if key.startswith(view[pos : pos + mid * ID_BYTES]):
@@ -77,29 +80,35 @@ def descend(root: RadixNode, query: bytes, pos: int = 0, end: int | None = None)
     return node, pos
 
 
-def _plain_vectors(arrays: list[Any]) -> bool:
-    """Whether every entry is a non-empty 1-D int64 numpy array: the common case, checked with
-    ``map`` over the batch (C loops), not a Python loop per entry."""
-    return (
-        set(map(type, arrays)) == {np.ndarray}
-        and set(map(_DTYPE, arrays)) == {INT64}
-        and set(map(_NDIM, arrays)) == {1}
-        and 0 not in map(len, arrays)
-    )
+def plain_sizes(arrays: list[Any]) -> list[int] | None:
+    """The lengths of ``arrays`` if every one is a non-empty 1-D int64 numpy array (the common
+    case, checked with C loops over the batch, not a Python loop per entry), else None."""
+    count = len(arrays)
+    if (
+        list(map(type, arrays)).count(np.ndarray) == count
+        and list(map(_DTYPE, arrays)).count(INT64) == count
+        and list(map(_NDIM, arrays)).count(1) == count
+    ):
+        sizes = list(map(len, arrays))
+        if 0 not in sizes:
+            return sizes
+    return None
 
 
-def token_arrays(prompts: Iterable[TokenInput], what: str) -> list[Int64Array]:
-    """Each prompt as a non-empty 1-D int64 array (int64 arrays pass through untouched)."""
+def token_arrays(prompts: Iterable[TokenInput], what: str) -> tuple[list[Int64Array], Int64Array]:
+    """Each prompt as a non-empty 1-D int64 array (int64 arrays pass through untouched), and
+    their lengths."""
     given = prompts if type(prompts) is list else list(prompts)
-    if given and _plain_vectors(given):
-        return cast(list[Int64Array], given)
+    sizes = plain_sizes(given)
+    if sizes is not None:
+        return cast(list[Int64Array], given), np.array(sizes, dtype=np.int64)
     arrays: list[Int64Array] = []
     for i, prompt in enumerate(given):
         if type(prompt) is np.ndarray and prompt.dtype is INT64 and prompt.ndim == 1 and prompt.size:
             arrays.append(cast(Int64Array, prompt))
         else:
             arrays.append(as_token_array(prompt, f"{what} {i}"))
-    return arrays
+    return arrays, sizes_of(arrays)
 
 
 def sizes_of(arrays: list[Int64Array]) -> Int64Array:
@@ -128,15 +137,17 @@ def validated_items(
     given = items if type(items) is list else list(items)
     if given:
         try:
-            pairs = set(map(len, given)) == {2}
+            pairs = list(map(len, given)).count(2) == len(given)
         except TypeError:
             pairs = False
         if pairs:
             arrays = list(map(_FIRST, given))
             tables = list(map(_SECOND, given))
-            if _plain_vectors(arrays) and _plain_vectors(tables):
-                sizes = sizes_of(arrays)
-                if np.array_equal(sizes_of(tables), -(-sizes // block_size)):
+            token_counts = plain_sizes(arrays)
+            table_sizes = plain_sizes(tables) if token_counts is not None else None
+            if token_counts is not None and table_sizes is not None:
+                sizes = np.array(token_counts, dtype=np.int64)
+                if np.array_equal(np.array(table_sizes, dtype=np.int64), -(-sizes // block_size)):
                     return arrays, tables, sizes
     arrays = []
     tables = []
