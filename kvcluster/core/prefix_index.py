@@ -49,6 +49,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -271,42 +272,44 @@ class PrefixIndex(PinsMixin):
             self._misses += count
             self._lookup_tokens += len(buffer) >> 3
             return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count)
-        shortest = self._min_prefix * ID_BYTES
-        positions: list[int] = []
+        shortest = max(self._min_prefix, 1) * ID_BYTES  # a hit matches at least this much
+        positions: list[int] = []  # where each match ends (its start for a miss)
         nodes: list[RadixNode | None] = []
-        hit_nodes: list[RadixNode] = []
-        hit_bytes = 0
+        add_position = positions.append
+        add_node = nodes.append
+        startswith = buffer.startswith
         start = 0
         for end in bounds[1:]:
             # _descend, inlined: this loop is the hot path of batched lookups.
             node = root
             pos = start
-            while pos < end:
-                child = node.children.get(buffer[pos : pos + ID_BYTES])
+            while True:
+                child = node.children.get(buffer[pos : pos + 8])  # ID_BYTES
                 if child is None:
                     break
                 key = child.key
-                if buffer.startswith(key, pos, end):
+                if startswith(key, pos, end):
                     pos += len(key)
                     node = child
-                    continue
+                    if pos < end:
+                        continue
+                    break
                 pos += common_prefix(key, buffer, pos, end)
                 node = child
                 break
-            if pos == start or pos - start < shortest:
-                positions.append(start)
-                nodes.append(None)
+            if pos - start < shortest:
+                add_position(start)
+                add_node(None)
             else:
-                hit_nodes.append(node)
-                hit_bytes += pos - start
-                positions.append(pos)
-                nodes.append(node)
+                add_position(pos)
+                add_node(node)
             start = end
+        hit_nodes = cast("list[RadixNode]", list(filter(None, nodes)))  # a node is never falsy
         hits = len(hit_nodes)
         self._policy.touch_many(hit_nodes, self._clock())  # in order, as one call
         self._hits += hits
         self._misses += count - hits
-        self._hit_tokens += hit_bytes >> 3
+        self._hit_tokens += (sum(positions) - sum(bounds) + bounds[-1]) >> 3  # a miss adds 0
         self._lookup_tokens += len(buffer) >> 3
         return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes)
 
