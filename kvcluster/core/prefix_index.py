@@ -456,7 +456,8 @@ class PrefixIndex(PinsMixin):
         garbage for the next collection), so the collections that their allocation would
         trigger (full ones included, traversing the whole tree) find nothing to free. Reference
         counting still frees everything else at once. The collector's previous state is
-        restored on return or exception.
+        restored on return or exception (the pause is process-wide: other threads' cyclic
+        garbage waits for the batch too).
         """
         pause = len(sizes) >= GC_PAUSE_ITEMS and gc.isenabled()
         if pause:
