@@ -42,7 +42,7 @@ from kvcluster.kv_payload import KVPages, KVPayload, dtype_name
 from kvcluster.leases import LeaseTable
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply, identity_for
 from kvcluster.registry_publisher import RegistryPublisher
-from kvcluster.spill_store import SpillStore
+from kvcluster.spill_store import SpillRequest, SpillStore
 from routing.block_hashing import BlockHasher
 from routing.registry import BlockEvent, NodeLoad, PrefixRegistry, Tier
 
@@ -82,20 +82,48 @@ class _BlockKey:
 
     def event(self, tier: str | None) -> BlockEvent:
         """The block moved to ``tier`` (a spill tier's name), or removed when ``None``."""
-        if tier is None:
-            return BlockEvent.removed([self.block_hash], first_position=self.position,
-                                      family=self.family, namespace=self.namespace)
-        return BlockEvent.moved([self.block_hash], _TIERS[tier], first_position=self.position,
-                                family=self.family, namespace=self.namespace)
+        return _run_event([self], tier)
+
+
+def _run_event(run: list[_BlockKey], tier: str | None) -> BlockEvent:
+    """One event for a run of blocks of one chain at consecutive depths, all moved to
+    ``tier`` (or removed when ``None``)."""
+    first = run[0]
+    hashes = [key.block_hash for key in run]
+    if tier is None:
+        return BlockEvent.removed(hashes, first_position=first.position, family=first.family,
+                                  namespace=first.namespace)
+    return BlockEvent.moved(hashes, _TIERS[tier], first_position=first.position,
+                            family=first.family, namespace=first.namespace)
+
+
+def _coalesced_events(keys: list[_BlockKey], tiers: list[str | None]) -> list[BlockEvent]:
+    """Events for ``keys[i]`` moved to ``tiers[i]``: one per run of consecutive depths of one
+    chain with one outcome (an evicted prefix is one run), instead of one per block."""
+    events: list[BlockEvent] = []
+    run: list[_BlockKey] = []
+    run_tier: str | None = None
+    for key, tier in zip(keys, tiers, strict=True):
+        if run and (tier != run_tier or key.family != run[-1].family or key.namespace != run[-1].namespace
+                    or key.position != run[-1].position + 1):
+            events.append(_run_event(run, run_tier))
+            run = []
+        if not run:
+            run_tier = tier
+        run.append(key)
+    if run:
+        events.append(_run_event(run, run_tier))
+    return events
 
 
 @dataclass(slots=True)
-class _PendingSpill:
-    """An evicted block's page, copied out of the pool, waiting to be written to a tier."""
+class _PendingSpills:
+    """Evicted blocks' pages, copied out of the pool, waiting to be written to the tiers:
+    ``pages[i]`` (a row of one ``[n, page_bytes]`` uint8 tensor) belongs to ``keys[i]``."""
 
-    key: _BlockKey
-    tokens: TokenArray
-    page: torch.Tensor
+    keys: list[_BlockKey]
+    tokens: list[TokenArray]
+    pages: torch.Tensor
 
 
 def default_device() -> torch.device:
@@ -161,7 +189,7 @@ class NodeEngine:
         # Full device blocks and the chain hash of the prefix they end, so an evicted block
         # can be demoted (or unregistered) under the key the registry knows it by.
         self._block_keys: dict[int, _BlockKey] = {}
-        self._pending_spills: list[_PendingSpill] = []
+        self._pending_spills: list[_PendingSpills] = []
         self._evicted_pages: list[tuple[_BlockKey, TokenArray, int]] = []  # not copied out yet
         # One thread, so spills are written in eviction order and drain_spills() is a barrier.
         self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
@@ -393,10 +421,9 @@ class NodeEngine:
             return
         evicted, self._evicted_pages = self._evicted_pages, []
         rows = self._engine.pages.gather_pages(np.array([block for _, _, block in evicted], dtype=np.int64))
-        pages = torch.from_numpy(rows)
-        self._pending_spills.extend(
-            _PendingSpill(key, tokens, pages[i]) for i, (key, tokens, _) in enumerate(evicted)
-        )
+        self._pending_spills.append(_PendingSpills(
+            [key for key, _, _ in evicted], [tokens for _, tokens, _ in evicted], torch.from_numpy(rows)
+        ))
 
     def _finish(self) -> None:
         """After a call released ``_lock``: hand queued spills to the spill writer, publish.
@@ -412,13 +439,16 @@ class NodeEngine:
             self._spill_writer.submit(self._write_spills, pending)
         self._publisher.flush()
 
-    def _write_spills(self, pending: list[_PendingSpill]) -> None:
+    def _write_spills(self, pending: list[_PendingSpills]) -> None:
+        """On the spill writer: each eviction's pages in one batched put, then their
+        moved-tier events (removed for the pages no tier had room for)."""
         assert self._spill is not None
-        for item in pending:
-            key = item.key
-            tier = self._spill.spill(key.block_hash, key.namespace, item.tokens, item.page,
-                                     family=key.family, position=key.position)
-            self._publisher.add(key.event(tier))
+        for batch in pending:
+            requests = [SpillRequest(key.block_hash, key.namespace, tokens, key.family, key.position)
+                        for key, tokens in zip(batch.keys, batch.tokens, strict=True)]
+            tiers = self._spill.spill_many(requests, batch.pages)
+            for event in _coalesced_events(batch.keys, tiers):
+                self._publisher.add(event)
         self._publisher.flush()
 
     def drain_spills(self, timeout_s: float | None = None) -> None:

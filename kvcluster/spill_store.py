@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,17 @@ class SpilledBlock:
     position: int
     namespace: str
     tokens: bytes  # the block's token ids, int64 native
+
+
+@dataclass(frozen=True, slots=True)
+class SpillRequest:
+    """One block to spill: its identity and tokens (its page travels in the batch)."""
+
+    block_hash: bytes
+    namespace: str
+    tokens: npt.NDArray[np.int64]
+    family: bytes
+    position: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +131,54 @@ class SpillStore:
             self._append_meta(key, record)
         return tier
 
-    def _append_meta(self, key: int, record: SpilledBlock) -> None:
+    def spill_many(self, blocks: Sequence[SpillRequest], pages: torch.Tensor) -> list[str | None]:
+        """:meth:`spill` for many blocks: ``pages[i]`` (rows of a ``[n, page_bytes]`` uint8
+        tensor) for ``blocks[i]``, placed in one reservation and written in one batch per
+        tier; per block the tier it landed on, or None when it is not kept."""
+        keys = [tier_key(block.block_hash) for block in blocks]
+        out: list[str | None] = [None] * len(blocks)
+        fresh: list[int] = []
+        seen: set[int] = set()
+        for i, key in enumerate(keys):
+            existing = self._store.location(key)
+            if existing is not None and key in self._blocks:
+                out[i] = existing  # the same block was spilled before and is still kept
+            elif key not in seen:
+                seen.add(key)
+                fresh.append(i)
+        if not fresh:
+            return out
+        try:
+            placed = self._store.put_many([keys[i] for i in fresh],
+                                          pages if len(fresh) == len(blocks) else pages[fresh])
+        except KVClusterError as exc:  # e.g. a key mid-put elsewhere, or I/O: page by page
+            logger.debug("batched spill of %d pages refused (%s); spilling one by one", len(fresh), exc)
+            for i in fresh:
+                block = blocks[i]
+                out[i] = self.spill(block.block_hash, block.namespace, block.tokens, pages[i],
+                                    family=block.family, position=block.position)
+            return out
+        with self._lock:
+            for i, tier in zip(fresh, placed, strict=True):
+                if tier is None:
+                    continue
+                block = blocks[i]
+                record = SpilledBlock(block.block_hash, block.family, block.position, block.namespace,
+                                      block.tokens.astype(np.int64).tobytes())
+                self._blocks[keys[i]] = record
+                self._append_meta(keys[i], record, flush=False)
+                out[i] = tier
+            if self._meta_file is not None:
+                self._meta_file.flush()
+        return out
+
+    def _append_meta(self, key: int, record: SpilledBlock, *, flush: bool = True) -> None:
         if self._meta_file is None:
             return
         payload = _pack(key, record)
         self._meta_file.write(_RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
-        self._meta_file.flush()
+        if flush:
+            self._meta_file.flush()
 
     def _replay(self, path: Path) -> None:
         """Load the metadata log, keep the records whose page survived, compact the log."""

@@ -161,7 +161,7 @@ class SlotFreeStack:
         ids = as_slots(slots)
         with self._lock:
             self.check_allocated(ids)
-            if len(np.unique(ids)) != len(ids):
+            if len(ids) > 1 and len(np.unique(ids)) != len(ids):
                 raise InvalidArgument(f"slots {ids.tolist()} repeat a slot; nothing was freed")
             self._allocated[ids] = False
             self._stack[self._top : self._top + len(ids)] = ids[::-1]
@@ -185,6 +185,10 @@ class SlotFreeStack:
 
     def check_allocated(self, ids: Slots) -> None:
         """Raise NotFound unless every slot in ``ids`` is allocated."""
+        if len(ids) == 1:  # the per-page path of spills and discards: no numpy reductions
+            slot = int(ids[0])
+            if 0 <= slot < self._num_slots and self._allocated[slot]:
+                return
         self._check_range(ids)
         if len(ids) and not self._allocated[ids].all():
             bad = ids[~self._allocated[ids]]

@@ -66,7 +66,15 @@ from kvcluster.errors import (
 )
 from tiers.eviction_order import EvictionOrder, make_order
 from tiers.migration_workers import MigrationWorkers
-from tiers.page_store import PageStore, PeekableTier, Recoverable, TierStats, check_page, copy_pages
+from tiers.page_store import (
+    PageStore,
+    PeekableTier,
+    Recoverable,
+    TierStats,
+    check_batch,
+    check_page,
+    copy_pages,
+)
 from tiers.store_records import MoveCounters, MovePlan, MoveResult, StoreEntry
 
 logger = logging.getLogger(__name__)
@@ -261,6 +269,86 @@ class TieredStore:
         if needs_rebalance:
             self.rebalance()
         return self._names[tier]
+
+    def put_many(self, keys: Sequence[int], pages: torch.Tensor) -> list[str | None]:
+        """The bulk form of :meth:`put`: ``pages[i]`` (rows of a ``[n, page_bytes]`` uint8
+        tensor) under new ``keys[i]``, with one reservation and one batched write per tier.
+
+        Placement is :meth:`put`'s (top tier first; with every tier full, the coldest
+        unpinned pages of the lowest tier that has any are discarded). Returns, per key, the
+        tier it went to, or None when no room was left for it. Repeated or already stored
+        keys and a bad batch raise (InvalidArgument / InvalidKV) with nothing changed. On a
+        write error the pages of the other tiers are stored and the error is raised.
+        """
+        key_list = [int(key) for key in keys]
+        for key in key_list:
+            _check_key(key)
+        if len(set(key_list)) != len(key_list):
+            raise InvalidArgument("put_many keys repeat a key")
+        check_batch(np.arange(len(key_list)), pages, self.page_bytes)
+        if not key_list:
+            return []
+        with self._lock:
+            self._check_open()
+            taken = [key for key in key_list if key in self._entries or key in self._reserved]
+            if taken:
+                raise InvalidArgument(f"keys {taken[:8]} are already stored; discard them first")
+            placements, dropped = self._reserve_many_locked(len(key_list))
+            self._reserved.update(key_list[: len(placements)])
+        self._notify((), dropped)
+        by_tier: dict[int, list[int]] = {}
+        for position, (tier, _) in enumerate(placements):
+            by_tier.setdefault(tier, []).append(position)
+        failure: BaseException | None = None
+        written: list[int] = []
+        for tier, positions in by_tier.items():
+            slots = np.array([placements[i][1] for i in positions], dtype=np.int64)
+            batch = pages if len(positions) == len(key_list) else pages[positions]
+            try:
+                self._tiers[tier].write_batch(slots, batch, [key_list[i] for i in positions])
+            except BaseException as exc:
+                with self._lock:
+                    for i in positions:
+                        self._reserved.discard(key_list[i])
+                        self._free_locked(tier, placements[i][1])
+                failure = failure or exc
+                continue
+            written.extend(positions)
+        with self._lock:
+            self._drain_accesses_locked()  # reads before this put rank before it
+            for i in sorted(written):
+                key, place = key_list[i], placements[i]
+                self._reserved.discard(key)
+                self._entries[key] = StoreEntry(key, place)
+                self._orders[place[0]].add(key, 0)
+            needs_rebalance = any(self._over_high(i) for i in range(len(self._tiers) - 1))
+        if needs_rebalance:
+            self.rebalance()
+        if failure is not None:
+            raise failure
+        return [self._names[placements[i][0]] if i < len(placements) else None
+                for i in range(len(key_list))]
+
+    def _reserve_many_locked(self, n: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """Up to ``n`` (tier, slot) places for new pages, and the keys discarded to make room."""
+        places: list[tuple[int, int]] = []
+        for index, tier in enumerate(self._tiers):
+            take = min(n - len(places), tier.num_free)
+            if take > 0:
+                slots = tier.allocate(take)
+                assert slots is not None, f"tier {self._names[index]} refused {take} free slots"
+                places.extend((index, int(slot)) for slot in slots)
+        dropped: list[int] = []
+        for index in range(len(self._tiers) - 1, -1, -1):
+            if len(places) == n:
+                break
+            victims = self._discard_coldest_locked(index, n - len(places))
+            if victims:
+                slots = self._tiers[index].allocate(len(victims))
+                assert slots is not None, f"tier {self._names[index]} has no slot after a discard"
+                places.extend((index, int(slot)) for slot in slots)
+                dropped.extend(victims)
+        return places, dropped
 
     def _reserve_for_put(self) -> tuple[int, int, list[int]] | None:
         """(tier, slot, discarded keys) for a new page, or None. Called under the lock."""

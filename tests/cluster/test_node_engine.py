@@ -274,6 +274,35 @@ def test_published_blocks_are_found_by_the_registry(
     assert holding["n0"].gpu_blocks == 5
 
 
+def test_evicted_blocks_are_published_on_their_spill_tier_or_removed(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV
+) -> None:
+    # A host tier of 8 pages: of a 10-block prefix pushed out of a 64-block pool, the spill
+    # keeps what fits and the registry hears of every block, kept or not.
+    config = KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 64}, "tiers": {"cpu": {"capacity": f"{8 * 16 * 512}B"}},
+        "registry": {"index_stride_blocks": 1},
+    })
+    node = NodeEngine("n0", config, registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+    try:
+        hasher = BlockHasher(config.hashing.algorithm, 16, b"", config.model.fingerprint())
+        victim = np.arange(20000, 20160)  # 10 blocks
+        store_all(node, kv_model, victim)
+        for i in range(6):
+            store_all(node, kv_model, np.arange(160) + 22000 + 200 * i)
+        node.drain_spills()
+        holding = registry.inner.longest_prefix(hasher.hash_chain(victim)).get("n0")
+        kept = node.lookup(victim)
+        assert kept.lease_id is not None
+        node.release(kept.lease_id)
+        assert holding is not None and holding.num_blocks == kept.matched_tokens // 16
+        assert holding.gpu_blocks == kept.blocks_per_tier.get("gpu", 0)
+        assert holding.cpu_blocks == kept.blocks_per_tier.get("cpu", 0) > 0
+        node.check_invariants()
+    finally:
+        node.shutdown()
+
+
 def test_registry_outage_is_counted_and_repaired_by_resync(
     node: NodeEngine, kv_model: SyntheticKV, registry: FlakyRegistry
 ) -> None:

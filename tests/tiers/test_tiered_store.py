@@ -288,6 +288,60 @@ def test_the_bottom_discards_its_coldest_unpinned_page_when_full(
         store.get(2)
 
 
+def test_put_many_places_like_put_in_one_batch(stores: list[TieredStore], recorder: Recorder) -> None:
+    store = _store(stores, recorder, sizes=(2, 3), high_watermark=1.0, low_watermark=1.0, promote_on_hit=False)
+    pages = random_pages(4, P, 1)
+    assert store.put_many([10, 11, 12, 13], pages) == ["gpu", "gpu", "cpu", "cpu"]
+    assert all(torch.equal(store.get(10 + i), pages[i]) for i in range(4))
+    store.pin([10])
+    # One slot left, then the coldest unpinned pages of the bottom tier make room.
+    more = random_pages(3, P, 2)
+    assert store.put_many([20, 21, 22], more) == ["cpu", "cpu", "cpu"]
+    assert recorder.discards == [12, 13]
+    assert all(torch.equal(store.get(20 + i), more[i]) for i in range(3))
+    assert store.put_many([], torch.empty((0, P), dtype=torch.uint8)) == []
+
+
+def test_put_many_without_room_for_all_stores_what_fits(stores: list[TieredStore], recorder: Recorder) -> None:
+    store = _store(stores, recorder, sizes=(1, 1), high_watermark=1.0, low_watermark=1.0)
+    _fill(store, range(1))
+    store.pin([0])
+    pages = random_pages(3, P, 3)
+    assert store.put_many([5, 6, 7], pages) == ["cpu", None, None]
+    assert store.location(5) == "cpu" and 6 not in store and 7 not in store
+    assert torch.equal(store.get(5), pages[0])
+
+
+def test_put_many_refuses_bad_batches_and_changes_nothing(stores: list[TieredStore], recorder: Recorder) -> None:
+    store = _store(stores, recorder, sizes=(2, 2), high_watermark=1.0, low_watermark=1.0)
+    _fill(store, range(1))
+    pages = random_pages(2, P, 4)
+    with pytest.raises(InvalidArgument, match="repeat"):
+        store.put_many([3, 3], pages)
+    with pytest.raises(InvalidArgument, match=r"keys \[0\] are already stored"):
+        store.put_many([3, 0], pages)
+    with pytest.raises(InvalidKV, match="page batch"):
+        store.put_many([3, 4], pages[:, :10])
+    with pytest.raises(InvalidKV, match="2 pages given for 3 slots"):
+        store.put_many([3, 4, 5], pages)
+    assert sorted(store.keys()) == [0] and store.stats()["gpu"].pages_used == 1
+
+
+def test_put_many_write_error_keeps_the_other_tiers_pages(
+    stores: list[TieredStore], recorder: Recorder, tmp_path: Path
+) -> None:
+    faulty = FaultInjectingFileIO(PosixFileIO())
+    store = _nvme_store(stores, recorder, tmp_path, faulty)
+    faulty.fail("pwritev", errno.EIO)
+    pages = random_pages(6, P, 5)
+    with pytest.raises(TierIOError):
+        store.put_many(range(6), pages)
+    assert _where(store, range(6)) == {0: "gpu", 1: "gpu", 2: "gpu", 3: "gpu", 4: None, 5: None}
+    assert store.stats()["nvme"].pages_used == 0
+    assert store.put_many([4, 5], pages[4:]) == ["nvme", "nvme"]
+    assert torch.equal(store.get(5), pages[5])
+
+
 def test_discard_frees_the_page(stores: list[TieredStore], recorder: Recorder) -> None:
     store = _store(stores, recorder)
     _fill(store, range(3))
