@@ -77,6 +77,10 @@ class NodeMetrics:
             "kvcluster_migrations", "Prefix migrations by direction", ["node", "direction"],
             registry=self.registry,
         )
+        self.migration_seconds = Histogram(
+            "kvcluster_migration_seconds", "Node-side time of a prefix export or import",
+            ["node", "direction"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
         self.registry_errors = Counter(
             "kvcluster_registry_errors", "Failed registry calls", ["node"], registry=self.registry
         )
@@ -126,14 +130,20 @@ class InstrumentedNode:
         return reply
 
     def import_prefix(self, tokens: Any, payload: KVPages | None, namespace: str = "default") -> StoreReply:
+        start = time.perf_counter()
         reply = self.node.import_prefix(tokens, payload, namespace)
-        self.metrics.migrations.labels(self.node.node_id, "in").inc()
+        node_id = self.node.node_id
+        self.metrics.migration_seconds.labels(node_id, "in").observe(time.perf_counter() - start)
+        self.metrics.migrations.labels(node_id, "in").inc()
         return reply
 
     def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPages | None:
+        start = time.perf_counter()
         payload = self.node.export_prefix(tokens, namespace)
         if payload is not None:
-            self.metrics.migrations.labels(self.node.node_id, "out").inc()
+            node_id = self.node.node_id
+            self.metrics.migration_seconds.labels(node_id, "out").observe(time.perf_counter() - start)
+            self.metrics.migrations.labels(node_id, "out").inc()
         return payload
 
     def stats(self) -> NodeStats:

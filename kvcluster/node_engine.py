@@ -122,7 +122,7 @@ class _PendingSpills:
     ``pages[i]`` (a row of one ``[n, page_bytes]`` uint8 tensor) belongs to ``keys[i]``."""
 
     keys: list[_BlockKey]
-    tokens: list[TokenArray]
+    token_bytes: list[bytes]
     pages: torch.Tensor
 
 
@@ -190,7 +190,8 @@ class NodeEngine:
         # can be demoted (or unregistered) under the key the registry knows it by.
         self._block_keys: dict[int, _BlockKey] = {}
         self._pending_spills: list[_PendingSpills] = []
-        self._evicted_pages: list[tuple[_BlockKey, TokenArray, int]] = []  # not copied out yet
+        # (key, token bytes, block id) of evicted blocks whose pages are not copied out yet
+        self._evicted_pages: list[tuple[_BlockKey, bytes, int]] = []
         # One thread, so spills are written in eviction order and drain_spills() is a barrier.
         self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
@@ -403,7 +404,7 @@ class NodeEngine:
         if key is None:
             return  # a partial block: never registered, nothing to keep
         if self._spill is not None and evicted.end - evicted.start == self._block_size:
-            self._evicted_pages.append((key, evicted.tokens.copy(), evicted.block_id))
+            self._evicted_pages.append((key, evicted.token_bytes, evicted.block_id))
             return
         self._publisher.add(key.event(None))
 
@@ -445,7 +446,7 @@ class NodeEngine:
         assert self._spill is not None
         for batch in pending:
             requests = [SpillRequest(key.block_hash, key.namespace, tokens, key.family, key.position)
-                        for key, tokens in zip(batch.keys, batch.tokens, strict=True)]
+                        for key, tokens in zip(batch.keys, batch.token_bytes, strict=True)]
             tiers = self._spill.spill_many(requests, batch.pages)
             for event in _coalesced_events(batch.keys, tiers):
                 self._publisher.add(event)

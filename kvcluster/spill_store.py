@@ -66,7 +66,7 @@ class SpillRequest:
 
     block_hash: bytes
     namespace: str
-    tokens: npt.NDArray[np.int64]
+    token_bytes: bytes  # the block's token ids as little-endian int64
     family: bytes
     position: int
 
@@ -155,7 +155,8 @@ class SpillStore:
             logger.debug("batched spill of %d pages refused (%s); spilling one by one", len(fresh), exc)
             for i in fresh:
                 block = blocks[i]
-                out[i] = self.spill(block.block_hash, block.namespace, block.tokens, pages[i],
+                tokens = np.frombuffer(block.token_bytes, dtype="<i8")
+                out[i] = self.spill(block.block_hash, block.namespace, tokens, pages[i],
                                     family=block.family, position=block.position)
             return out
         with self._lock:
@@ -164,7 +165,7 @@ class SpillStore:
                     continue
                 block = blocks[i]
                 record = SpilledBlock(block.block_hash, block.family, block.position, block.namespace,
-                                      block.tokens.astype(np.int64).tobytes())
+                                      block.token_bytes)
                 self._blocks[keys[i]] = record
                 self._append_meta(keys[i], record, flush=False)
                 out[i] = tier

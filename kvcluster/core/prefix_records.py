@@ -139,7 +139,12 @@ class EvictedBlock:
     @property
     def tokens(self) -> Int64Array:
         """The tokens whose K/V the block holds (rows ``0 .. end - start``)."""
-        return ids_from_bytes(self.prefix_bytes[self.start * ID_BYTES : self.end * ID_BYTES])
+        return ids_from_bytes(self.token_bytes)
+
+    @property
+    def token_bytes(self) -> bytes:
+        """:attr:`tokens` as raw little-endian int64 bytes (no array is built)."""
+        return self.prefix_bytes[self.start * ID_BYTES : self.end * ID_BYTES]
 
     @property
     def prefix_tokens(self) -> Int64Array:
