@@ -306,6 +306,14 @@ class KVClient:
 
     # --- lifecycle --------------------------------------------------------------------------
 
+    def node_handle(self, node_id: str) -> NodeHandle:
+        """The handle of one node, for operational calls (``stats``, ``drain_spills``,
+        ``metrics_text``); :class:`NodeUnavailable` for an unknown node."""
+        handle = self._nodes.get(node_id)
+        if handle is None:
+            raise NodeUnavailable(f"no node {node_id!r} in this deployment; nodes: {self.nodes}")
+        return handle
+
     def node_stats(self) -> dict[str, Any]:
         return {node_id: handle.call("stats") for node_id, handle in self._nodes.items()}
 
