@@ -109,6 +109,11 @@ class BlockPool:
             touched, adds = np.unique(ordered, return_counts=True)
             self._ref_counts[touched] += adds.astype(np.int32)
 
+    def incref_distinct(self, ids: BlockIds) -> None:
+        """:meth:`incref` for ids the caller knows are distinct and allocated (the blocks of
+        one cached prefix): one fancy-index add, no checks."""
+        self._ref_counts[ids] += 1
+
     def decref(self, ids: Sequence[int] | BlockIds) -> BlockIds:
         """Drop one reference from each id; blocks reaching zero return to the free stack.
 

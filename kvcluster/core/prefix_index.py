@@ -165,6 +165,7 @@ class PrefixIndex(PinsMixin):
 
         self._hits = 0
         self._misses = 0
+        self._drops = 0  # nodes ever dropped: a match found since then is still cached
         self._hit_tokens = 0
         self._lookup_tokens = 0
         self._inserts = 0
@@ -225,7 +226,7 @@ class PrefixIndex(PinsMixin):
         self._hits += 1
         self._hit_tokens += matched
         blocks = node.path_blocks[: -(-matched // self._bs) * ID_BYTES]
-        return PrefixMatch(namespace, matched, array.size, self._bs, blocks, query)
+        return PrefixMatch(namespace, matched, array.size, self._bs, blocks, query, self, self._drops)
 
     def peek(self, tokens: TokenInput, namespace: str = "default") -> int:
         """How many leading tokens of ``tokens`` are cached, without counting a lookup or
@@ -324,12 +325,14 @@ class PrefixIndex(PinsMixin):
         if not isinstance(match, PrefixMatch):
             raise InvalidArgument(f"acquire takes a PrefixMatch, got {type(match).__name__}")
         if match.matched_tokens:
-            if not self._still_cached(match):
+            if not (match.origin is self and match.drops_seen == self._drops) and not self._still_cached(match):
                 raise LeaseError(
                     f"the match of {match.matched_tokens} tokens in namespace {match.namespace!r} "
                     "is stale: its prefix left the cache after the lookup; look it up again"
                 )
-            self._pool.incref(match.block_ids)
+            # The blocks of one path are distinct and held by the tree, so the pool's
+            # duplicate and liveness checks are not needed.
+            self._pool.incref_distinct(match.block_ids)
         lease = Lease(self._next_lease_id, match.namespace, match.matched_tokens, match.block_bytes)
         self._next_lease_id += 1
         self._leases[lease.lease_id] = lease
@@ -832,6 +835,7 @@ class PrefixIndex(PinsMixin):
         frees. With ``pending``, the pool references are appended there for the caller to
         release (only valid right after a positive ``_evictable``), else released at once."""
         assert not node.children, f"{node} still has children"
+        self._drops += 1
         bs = self._bs
         low, high = node.own_block_range(bs)
         own = ids_from_bytes(node.path_blocks[low * ID_BYTES : high * ID_BYTES])

@@ -41,6 +41,10 @@ class PrefixMatch:
     block_size: int
     block_bytes: bytes = field(repr=False)
     prompt_bytes: bytes = field(repr=False)
+    # The index that found the match and its count of dropped nodes then: while nothing was
+    # dropped since, the match is still cached and acquire skips re-walking it.
+    origin: object = field(default=None, repr=False, compare=False)
+    drops_seen: int = field(default=-1, repr=False, compare=False)
 
     @property
     def hit(self) -> bool:

@@ -185,6 +185,22 @@ def test_lease_keeps_blocks_from_eviction_until_released(cache: Cache) -> None:
     cache.index.check_invariants()
 
 
+def test_acquire_refuses_a_match_from_another_index_and_rechecks_after_any_drop(cache: Cache) -> None:
+    other = make_cache()
+    other.store(range(8))
+    foreign = other.index.lookup(np.arange(8))
+    with pytest.raises(LeaseError, match="stale"):
+        cache.index.acquire(foreign)  # nothing of it is cached here
+    cache.store(range(8))
+    cache.store(range(100, 108))
+    match = cache.index.lookup(np.arange(8))
+    cache.index.evict(2)  # drops the other prompt (the LRU one): the match is still cached
+    lease = cache.index.acquire(match)
+    assert cache.pool.ref_counts(lease.block_ids).tolist() == [2, 2]
+    cache.index.release(lease)
+    cache.index.check_invariants()
+
+
 def test_acquire_refuses_a_match_whose_prefix_was_evicted(cache: Cache) -> None:
     cache.store(range(8))
     match = cache.index.lookup(np.arange(8))
