@@ -127,12 +127,15 @@ def test_killed_node_routes_elsewhere_and_restarts_warm(
     try:
         # The new process started with an empty host tier, so any spilled block it serves was
         # recovered from its NVMe files (a lookup may already have promoted some to the host).
+        seen: list[object] = []
+
         def served_from_nvme() -> bool:
             with restarted.lookup(prompt) as again:
+                seen[:] = [again, restarted.node_stats()[victim_node]]
                 recovered = again.blocks_per_tier.get("nvme", 0) + again.blocks_per_tier.get("cpu", 0)
                 return again.node_id == victim_node and recovered > 0
 
-        assert wait_until(served_from_nvme)
+        assert wait_until(served_from_nvme), seen
         with restarted.lookup(prompt) as again:
             kv = restarted.fetch(again)
             assert torch.equal(kv, kv_model.kv(prompt)[:, :, : kv.shape[2]])
