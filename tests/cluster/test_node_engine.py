@@ -65,12 +65,17 @@ def registry(clock: FakeClock) -> FlakyRegistry:
     return FlakyRegistry(InMemoryRegistry(make_config().registry, clock=clock))
 
 
-@pytest.fixture
-def node(registry: FlakyRegistry, clock: FakeClock) -> Iterator[NodeEngine]:
-    engine = NodeEngine("n0", make_config(), registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+def checked_engine(node_id: str, registry: FlakyRegistry, clock: FakeClock) -> Iterator[NodeEngine]:
+    """A node without background threads, its invariants checked when the test ends."""
+    engine = NodeEngine(node_id, make_config(), registry, clock=clock, start_background=False)  # type: ignore[arg-type]
     yield engine
     engine.check_invariants()
     engine.shutdown()
+
+
+@pytest.fixture
+def node(registry: FlakyRegistry, clock: FakeClock) -> Iterator[NodeEngine]:
+    yield from checked_engine("n0", registry, clock)
 
 
 @pytest.fixture
@@ -190,10 +195,7 @@ def test_store_promotes_a_spilled_prefix(node: NodeEngine, kv_model: SyntheticKV
 
 @pytest.fixture
 def peer(registry: FlakyRegistry, clock: FakeClock) -> Iterator[NodeEngine]:
-    engine = NodeEngine("n1", make_config(), registry, clock=clock, start_background=False)  # type: ignore[arg-type]
-    yield engine
-    engine.check_invariants()
-    engine.shutdown()
+    yield from checked_engine("n1", registry, clock)
 
 
 def fetch_all(node: NodeEngine, tokens: np.ndarray) -> tuple[int, torch.Tensor]:
