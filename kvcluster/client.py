@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +72,12 @@ class RouteResult:
     @property
     def hit_ratio(self) -> float:
         return self.matched_tokens / self.tokens.size if self.tokens.size else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    speculative_hits: int
+    speculative_misses: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,11 @@ class KVClient:
         self._planner = MigrationPlanner(config.model, config.migration)
         self._on_close = on_close
         self._wire_dtype = wire_dtype(config.model.vocab_size)
+        # Prefix family (first block key) -> the node its last lookup went to, LRU-bounded.
+        self._affinity: OrderedDict[bytes, str] = OrderedDict()
+        self._affinity_lock = threading.Lock()
+        self._speculative_hits = 0
+        self._speculative_misses = 0
 
     @property
     def nodes(self) -> list[str]:
@@ -135,21 +148,48 @@ class KVClient:
     # --- the core call -----------------------------------------------------------------------
 
     def route_and_lookup(self, tokens: Any, namespace: str = "default") -> RouteResult:
-        """Route ``tokens`` to the best node, look the prefix up there and lease it."""
+        """Route ``tokens`` to the best node, look the prefix up there and lease it.
+
+        With ``cluster.speculative_lookup``, the lookup is sent to the node this prompt's
+        prefix family (its first block) went to last *before* the registry answers, so the
+        two round trips overlap; the answer is used only if the router picks that node (and
+        no migration targets it), otherwise its lease is released by the node at once and
+        the chosen node is asked.
+        """
         token_ids = as_tokens(tokens, self._spec.vocab_size)
+        wire = self._wire(namespace, token_ids)
+        bs = self._config.cache.block_size
+        # The family is the first block's key: enough to start the speculative lookup, and
+        # the rest of the chain is hashed while it is in flight.
+        family = self._hasher.hash_chain(token_ids[:bs], namespace)[0].tobytes() if token_ids.size >= bs else None
+        speculation = self._speculate(family, wire)
+        hashes = self._hasher.hash_chain(token_ids, namespace)
         excluded: set[str] = set()
         while True:
-            decision = self._router.route(token_ids, namespace, candidates=self._candidates(excluded))
+            decision = self._router.route(
+                token_ids, namespace, candidates=self._candidates(excluded), hashes=hashes
+            )
             migration = self._maybe_migrate(token_ids, namespace, decision)
             handle = self._nodes[decision.node_id]
             try:
-                reply: LookupReply = handle.call("lookup", *self._wire(namespace, token_ids))
+                reply: LookupReply | None = None
+                if speculation is not None:
+                    guessed, pending = speculation
+                    speculation = None
+                    if guessed == decision.node_id and (migration is None or migration.action != "pull"):
+                        reply = handle.resolve(pending)
+                        self._count_speculation(hit=True)
+                    else:
+                        self._discard_speculation(guessed, pending)
+                if reply is None:
+                    reply = handle.call("lookup", *wire)
             except NodeUnavailable:
                 excluded.add(decision.node_id)
                 logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
                 if len(excluded) == len(self._nodes):
                     raise
                 continue
+            self._remember(family, reply.node_id)
             return RouteResult(
                 node_id=reply.node_id,
                 namespace=namespace,
@@ -160,6 +200,50 @@ class KVClient:
                 explanation=decision.reason,
                 migration=migration,
             )
+
+    def _speculate(self, family: bytes | None, wire: PromptWire) -> tuple[str, Any] | None:
+        """Start the lookup on the family's last node, if it is known and calls there run
+        concurrently with this thread (a Ray actor; in-process nodes would run it inline)."""
+        if family is None or not self._config.cluster.speculative_lookup:
+            return None
+        with self._affinity_lock:
+            node = self._affinity.get(family)
+        handle = self._nodes.get(node) if node is not None else None
+        if handle is None or not handle.concurrent:
+            return None
+        try:
+            return node, handle.submit("lookup", *wire)  # type: ignore[return-value]
+        except NodeUnavailable:
+            return None
+
+    def _discard_speculation(self, node: str, pending: Any) -> None:
+        """Have ``node`` release the lease of a lookup that lost to the router's choice; the
+        node takes the reply itself (an object reference), so nothing waits for it here."""
+        self._count_speculation(hit=False)
+        with contextlib.suppress(NodeUnavailable):
+            self._nodes[node].submit("release_reply", pending)
+
+    def _count_speculation(self, *, hit: bool) -> None:
+        with self._affinity_lock:
+            if hit:
+                self._speculative_hits += 1
+            else:
+                self._speculative_misses += 1
+
+    def _remember(self, family: bytes | None, node: str) -> None:
+        if family is None:
+            return
+        with self._affinity_lock:
+            self._affinity[family] = node
+            self._affinity.move_to_end(family)
+            if len(self._affinity) > self._config.cluster.affinity_entries:
+                self._affinity.popitem(last=False)
+
+    def stats(self) -> ClientStats:
+        """This client's speculative lookups: used (the router chose the guessed node) and
+        discarded."""
+        with self._affinity_lock:
+            return ClientStats(self._speculative_hits, self._speculative_misses)
 
     def _wire(self, namespace: str, tokens: TokenArray) -> PromptWire:
         return prompt_to_wire(namespace, tokens, self._wire_dtype)

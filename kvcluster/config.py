@@ -113,6 +113,15 @@ class ClusterConfig(BaseModel):
         "behind migrations.",
     )
     lease_ttl_s: float = Field(default=30.0, gt=0, description="A lease not released expires after this.")
+    speculative_lookup: bool = Field(
+        default=True, description="The client sends a prompt's lookup to the node its prefix family "
+        "went to last while the registry answers; when the router picks another node, that lease "
+        "is released at once.",
+    )
+    affinity_entries: int = Field(
+        default=65536, gt=0, description="Prefix families whose last node a client remembers "
+        "(for speculative lookups).",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Base port of each node's Prometheus exporter (node i uses port + i); none = off.",

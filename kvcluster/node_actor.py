@@ -75,6 +75,11 @@ class NodeActor:
     def release(self, lease_id: str) -> bool:
         return self._engine.release(lease_id)
 
+    def release_reply(self, reply: LookupReply) -> bool:
+        """Release the lease of a lookup whose answer the client did not use (a speculative
+        lookup on a node the router did not pick); Ray hands over the reply itself."""
+        return reply.lease_id is not None and self._engine.release(reply.lease_id)
+
     def export_prefix(self, *prompt_wire: bytes) -> KVPages | None:
         namespace, tokens = prompt_from_wire(prompt_wire)
         return self._node.export_prefix(tokens, namespace)

@@ -19,6 +19,8 @@ from kvcluster.errors import KVClusterError, NodeUnavailable
 
 class NodeHandle(Protocol):
     node_id: str
+    #: Whether a submitted call runs concurrently with the caller (False: it already ran).
+    concurrent: bool
 
     def call(self, method: str, *args: Any) -> Any: ...
 
@@ -32,6 +34,8 @@ class NodeHandle(Protocol):
 
 
 class LocalNodeHandle:
+    concurrent = False
+
     def __init__(self, node: Any) -> None:
         self.node = node
         self.node_id: str = node.node_id
@@ -50,6 +54,8 @@ class LocalNodeHandle:
 
 
 class RayNodeHandle:
+    concurrent = True
+
     def __init__(self, node_id: str, actor: Any, timeout_s: float | None = 60.0) -> None:
         self.node_id = node_id
         self.actor = actor

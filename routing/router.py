@@ -164,10 +164,13 @@ class Router:
         namespace: str = DEFAULT_NAMESPACE,
         *,
         candidates: Sequence[str] | None = None,
+        hashes: BlockHashArray | None = None,
     ) -> RouteDecision:
-        """Route a prompt: hash its full blocks, then :meth:`route_hashes`."""
+        """Route a prompt: hash its full blocks, then :meth:`route_hashes`. ``hashes`` is the
+        prompt's chain when the caller has computed it already (with this router's hasher)."""
         array = as_token_array(tokens)
-        hashes = self._hasher.hash_chain(array, namespace)
+        if hashes is None:
+            hashes = self._hasher.hash_chain(array, namespace)
         fallback_key = None
         if hashes.size == 0:  # shorter than one block: keep equal short prompts together
             fallback_key = xxhash.xxh3_64_intdigest(namespace.encode() + array.tobytes())

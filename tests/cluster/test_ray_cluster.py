@@ -89,8 +89,11 @@ def test_route_store_fetch_round_trip(client: KVClient, kv_model: SyntheticKV) -
         kv = client.fetch(result)
         assert torch.equal(kv, kv_model.kv(longer)[:, :, :300])
         client.store(longer, kv_model.kv(longer)[:, :, 300:], result=result)
+    before = client.stats().speculative_hits
     with client.lookup(longer) as result:
         assert result.matched_tokens == longer.size
+    # The family's node was known, so that lookup was sent before the registry answered.
+    assert client.stats().speculative_hits == before + 1
 
 
 def test_bad_input_gets_clear_errors(client: KVClient, kv_model: SyntheticKV) -> None:
