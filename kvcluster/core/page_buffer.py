@@ -211,8 +211,12 @@ class PageBuffer:
         ids = as_block_ids(block_ids)[: rows.shape[0]]
         if not ids.size:
             return
-        if self.device.type == "cpu":
-            self._page_rows.numpy()[ids] = rows  # works from read-only (object store) memory
+        if self.device.type == "cpu":  # works from read-only (object store) memory
+            host = self._page_rows.numpy()
+            if _consecutive(ids):  # a fresh pool hands out runs: one memcpy
+                host[int(ids[0]) : int(ids[0]) + ids.size] = rows
+            else:
+                host[ids] = rows
         else:
             source = torch.from_numpy(rows if rows.flags.writeable else rows.copy())
             self._page_rows.index_copy_(0, _index_tensor(ids, self.device), source.to(self.device))
@@ -226,6 +230,12 @@ class PageBuffer:
         else:
             self.pages[dst, :, :, :num_tokens].copy_(self.pages[src, :, :, :num_tokens])
             self.rows_filled[dst] = num_tokens
+
+
+def _consecutive(ids: BlockIds) -> bool:
+    """Whether ``ids`` is a run ``k, k + 1, ...`` (one slice instead of a fancy index)."""
+    n = ids.size
+    return n > 0 and int(ids[-1]) - int(ids[0]) == n - 1 and (n < 3 or bool(np.all(np.diff(ids) == 1)))
 
 
 def _index_tensor(ids: BlockIds, device: torch.device) -> torch.Tensor:
