@@ -38,6 +38,7 @@ sighting, whether it will come back.
 from __future__ import annotations
 
 import argparse
+from abc import ABC, abstractmethod
 import heapq
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
@@ -123,7 +124,7 @@ class LeafFirstLRU:
                     heapq.heappush(self.leaves, (self.last[up], up))
 
 
-class PriorityCache:
+class PriorityCache(ABC):
     """Evicts the lowest ``(priority, tick)``; subclasses give a block's priority at each use
     (``None``: do not keep it). A min-heap with lazily skipped stale entries."""
 
@@ -136,8 +137,9 @@ class PriorityCache:
     def __contains__(self, block: object) -> bool:
         return block in self.live
 
+    @abstractmethod
     def priority(self, block: int, ids: Chain, depth: int, t: int) -> float | None:
-        raise NotImplementedError
+        """The block's priority at this use; None: do not keep it."""
 
     def access(self, ids: Chain, t: int) -> None:
         for depth in range(len(ids) - 1, -1, -1):

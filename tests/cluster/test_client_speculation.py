@@ -6,6 +6,8 @@ every decision of the client is visible: which node got a lookup, which lease wa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,9 @@ class RecordingHandle(LocalNodeHandle):
         return super().call(method, *args)
 
 
-def make_client(**cluster: Any) -> tuple[KVClient, list[tuple[str, str]]]:
+@contextmanager
+def running_client(**cluster: Any) -> Iterator[tuple[KVClient, list[tuple[str, str]]]]:
+    """A client of three in-process nodes (closed afterwards) and the log of their calls."""
     config = KVClusterConfig.from_dict({
         "cache": {"num_blocks": 256},
         "tiers": {"cpu": {"capacity": "1MiB"}},
@@ -51,7 +55,11 @@ def make_client(**cluster: Any) -> tuple[KVClient, list[tuple[str, str]]]:
         for node in nodes:
             node.shutdown()
 
-    return KVClient(config, registry, handles, on_close=shutdown), calls
+    client = KVClient(config, registry, handles, on_close=shutdown)
+    try:
+        yield client, calls
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -68,8 +76,7 @@ def lookups(calls: list[tuple[str, str]]) -> list[str]:
 
 
 def test_the_second_lookup_of_a_family_is_sent_before_routing_and_used(kv_model: SyntheticKV) -> None:
-    client, calls = make_client()
-    try:
+    with running_client() as (client, calls):
         prompt = np.arange(100, 164)
         stored = client.store(prompt, kv_model.kv(prompt))
         with client.lookup(prompt) as first:  # unknown family: routed, then asked
@@ -81,13 +88,10 @@ def test_the_second_lookup_of_a_family_is_sent_before_routing_and_used(kv_model:
         assert lookups(calls) == [stored.node_id]  # one lookup: the speculative one, used
         assert client.stats() == ClientStats(1, 0)
         assert set(leases(client).values()) == {0}
-    finally:
-        client.close()
 
 
 def test_a_lost_speculation_is_released_on_its_node(kv_model: SyntheticKV) -> None:
-    client, calls = make_client()
-    try:
+    with running_client() as (client, calls):
         prompt = np.arange(100, 164)
         stored = client.store(prompt, kv_model.kv(prompt))
         with client.lookup(prompt):
@@ -105,23 +109,17 @@ def test_a_lost_speculation_is_released_on_its_node(kv_model: SyntheticKV) -> No
         assert (stored.node_id, "release_reply") in calls
         assert client.stats() == ClientStats(0, 1)
         assert set(leases(client).values()) == {0}
-    finally:
-        client.close()
 
 
 def test_no_speculation_when_disabled_or_when_calls_run_inline(kv_model: SyntheticKV) -> None:
-    client, _ = make_client(speculative_lookup=False)
-    try:
+    with running_client(speculative_lookup=False) as (client, _):
         prompt = np.arange(100, 164)
         client.store(prompt, kv_model.kv(prompt))
         for _ in range(2):
             with client.lookup(prompt):
                 pass
         assert client.stats() == ClientStats(0, 0)
-    finally:
-        client.close()
-    client, _ = make_client()
-    try:
+    with running_client() as (client, _):
         for handle in client._nodes.values():  # in-process handles run a submitted call at once
             handle.concurrent = False  # type: ignore[misc]
         client.store(prompt, kv_model.kv(prompt))
@@ -129,13 +127,10 @@ def test_no_speculation_when_disabled_or_when_calls_run_inline(kv_model: Synthet
             with client.lookup(prompt):
                 pass
         assert client.stats() == ClientStats(0, 0)
-    finally:
-        client.close()
 
 
 def test_the_affinity_memory_is_bounded(kv_model: SyntheticKV) -> None:
-    client, _ = make_client(affinity_entries=2)
-    try:
+    with running_client(affinity_entries=2) as (client, _):
         for start in (1000, 2000, 3000):
             prompt = np.arange(start, start + 16)
             client.store(prompt, kv_model.kv(prompt))
@@ -147,29 +142,21 @@ def test_the_affinity_memory_is_bounded(kv_model: SyntheticKV) -> None:
         with client.lookup(np.arange(3000, 3016)):  # still remembered
             pass
         assert client.stats() == ClientStats(1, 0)
-    finally:
-        client.close()
 
 
 def test_release_reply_ignores_a_miss() -> None:
-    client, _ = make_client()
-    try:
+    with running_client() as (client, _):
         node = client.node_handle(client.nodes[0])
         miss = node.call("lookup", *client._wire("default", np.arange(7000, 7020)))
         assert miss.lease_id is None
         assert node.call("release_reply", miss) is False
-    finally:
-        client.close()
 
 
 def test_a_speculative_hit_fetches_the_same_kv(kv_model: SyntheticKV) -> None:
-    client, _ = make_client()
-    try:
+    with running_client() as (client, _):
         prompt = np.arange(100, 164)
         client.store(prompt, kv_model.kv(prompt))
         for _ in range(2):
             with client.lookup(prompt) as result:
                 assert torch.equal(client.fetch(result), kv_model.kv(prompt))
         assert client.stats().speculative_hits == 1
-    finally:
-        client.close()
