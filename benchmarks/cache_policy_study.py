@@ -38,8 +38,8 @@ sighting, whether it will come back.
 from __future__ import annotations
 
 import argparse
-from abc import ABC, abstractmethod
 import heapq
+from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
