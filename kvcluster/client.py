@@ -38,7 +38,8 @@ from kvcluster.migration import MigrationDecision, MigrationPlanner
 from kvcluster.node_handles import NodeHandle
 from kvcluster.node_types import LookupReply, StoreReply
 from kvcluster.token_wire import PromptWire, prompt_to_wire, wire_dtype
-from routing.block_hashing import BlockHasher
+from routing.block_hashing import BlockHashArray, BlockHasher
+from routing.chain_cache import ChainCache
 from routing.registry import PrefixRegistry
 from routing.router import RouteDecision, Router
 
@@ -136,6 +137,8 @@ class KVClient:
         self._affinity_lock = threading.Lock()
         self._speculative_hits = 0
         self._speculative_misses = 0
+        cache_tokens = config.cluster.chain_cache_tokens
+        self._chains = ChainCache(self._hasher, cache_tokens) if cache_tokens else None
 
     @property
     def nodes(self) -> list[str]:
@@ -163,7 +166,7 @@ class KVClient:
         # the rest of the chain is hashed while it is in flight.
         family = self._hasher.hash_chain(token_ids[:bs], namespace)[0].tobytes() if token_ids.size >= bs else None
         speculation = self._speculate(family, wire)
-        hashes = self._hasher.hash_chain(token_ids, namespace)
+        hashes = self._hash_chain(token_ids, namespace)
         excluded: set[str] = set()
         while True:
             decision = self._router.route(
@@ -200,6 +203,11 @@ class KVClient:
                 explanation=decision.reason,
                 migration=migration,
             )
+
+    def _hash_chain(self, tokens: TokenArray, namespace: str) -> BlockHashArray:
+        if self._chains is None:
+            return self._hasher.hash_chain(tokens, namespace)
+        return self._chains.hash_chain(tokens, namespace)
 
     def _speculate(self, family: bytes | None, wire: PromptWire) -> tuple[str, Any] | None:
         """Start the lookup on the family's last node, if it is known and calls there run

@@ -122,6 +122,11 @@ class ClusterConfig(BaseModel):
         default=65536, gt=0, description="Prefix families whose last node a client remembers "
         "(for speculative lookups).",
     )
+    chain_cache_tokens: int = Field(
+        default=1 << 22, ge=0, description="Tokens of recent prompts a client keeps with their "
+        "block-hash chains, so a repeated or extended prompt (a chat's next turn) hashes only its "
+        "new blocks; 0 = off.",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Base port of each node's Prometheus exporter (node i uses port + i); none = off.",
