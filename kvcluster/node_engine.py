@@ -170,6 +170,7 @@ class NodeEngine:
             min_prefix_tokens=eviction.min_prefix_tokens,
             memory_budget_bytes=eviction.memory_budget_bytes,
             on_evict=self._on_evict,
+            vocab_size=spec.vocab_size,
         )
         self._engine.set_reclaimer(self._reclaim)
         self._engine.set_reclaimable(self._index.reclaimable_blocks)
@@ -229,9 +230,10 @@ class NodeEngine:
 
     # --- data path ---------------------------------------------------------------------------
 
-    def _tokens(self, tokens: object) -> TokenArray:
+    def _tokens(self, tokens: object, *, check_range: bool = True) -> TokenArray:
         array = as_token_array(tokens)
-        check_token_range(array, 0, self._config.model.vocab_size)
+        if check_range:
+            check_token_range(array, 0, self._config.model.vocab_size)
         if array.size > self._engine.max_context:
             raise InvalidTokens(
                 f"a prompt of {array.size} tokens exceeds max_context {self._engine.max_context}"
@@ -240,7 +242,9 @@ class NodeEngine:
 
     def lookup(self, tokens: object, namespace: str = "default") -> LookupReply:
         """Longest cached prefix of ``tokens`` across the device and spill tiers, leased."""
-        token_ids = self._tokens(tokens)
+        # The index range-checks whatever it does not match (a matched token equals a
+        # stored one, checked when it was stored), so a long cached prompt is not scanned.
+        token_ids = self._tokens(tokens, check_range=False)
         bs = self._block_size
         with self._lock:
             match = self._index.lookup(token_ids, namespace)
