@@ -164,7 +164,9 @@ class KVClient:
         bs = self._config.cache.block_size
         # The family is the first block's key: enough to start the speculative lookup, and
         # the rest of the chain is hashed while it is in flight.
-        family = self._hasher.hash_chain(token_ids[:bs], namespace)[0].tobytes() if token_ids.size >= bs else None
+        family = None
+        if self._config.cluster.speculative_lookup and token_ids.size >= bs:
+            family = self._hasher.hash_chain(token_ids[:bs], namespace)[0].tobytes()
         speculation = self._speculate(family, wire)
         hashes = self._hash_chain(token_ids, namespace)
         excluded: set[str] = set()
@@ -212,7 +214,7 @@ class KVClient:
     def _speculate(self, family: bytes | None, wire: PromptWire) -> tuple[str, Any] | None:
         """Start the lookup on the family's last node, if it is known and calls there run
         concurrently with this thread (a Ray actor; in-process nodes would run it inline)."""
-        if family is None or not self._config.cluster.speculative_lookup:
+        if family is None:
             return None
         with self._affinity_lock:
             node = self._affinity.get(family)

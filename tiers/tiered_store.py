@@ -244,13 +244,13 @@ class TieredStore:
             self._check_open()
             if key in self._entries or key in self._reserved:
                 raise InvalidArgument(f"key {key} is already stored; discard it first")
-            placed = self._reserve_for_put()
-            if placed is None:
+            places, dropped = self._reserve_many_locked(1)
+            if not places:
                 raise CapacityError(
                     f"cannot store key {key}: all {len(self._tiers)} tiers are full and every "
                     "page is pinned or being moved"
                 )
-            tier, slot, dropped = placed
+            (tier, slot), = places
             self._reserved.add(key)
         self._notify((), dropped)
         try:
@@ -349,21 +349,6 @@ class TieredStore:
                 places.extend((index, int(slot)) for slot in slots)
                 dropped.extend(victims)
         return places, dropped
-
-    def _reserve_for_put(self) -> tuple[int, int, list[int]] | None:
-        """(tier, slot, discarded keys) for a new page, or None. Called under the lock."""
-        for index, tier in enumerate(self._tiers):
-            slots = tier.allocate(1)
-            if slots is not None:
-                return index, int(slots[0]), []
-        # Everything is full: discard the coldest unpinned page of the lowest tier that has one.
-        for index in range(len(self._tiers) - 1, -1, -1):
-            victims = self._discard_coldest_locked(index, 1)
-            if victims:
-                slots = self._tiers[index].allocate(1)
-                assert slots is not None, f"tier {self._names[index]} has no slot after a discard"
-                return index, int(slots[0]), victims
-        return None
 
     def get(self, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """A copy of ``key``'s page: into ``out`` if given (1-D uint8, any device), else a new
