@@ -162,7 +162,7 @@ def bench_throughput(client: KVClient, config: KVClusterConfig, seconds: float) 
     rng = np.random.default_rng(2)
     shared = [rng.integers(0, config.model.vocab_size, 256) for _ in range(8)]
 
-    errors: list[BaseException] = []
+    errors: list[str] = []
 
     def drive(threads: int, duration: float) -> float:
         done = [0] * threads
@@ -170,16 +170,21 @@ def bench_throughput(client: KVClient, config: KVClusterConfig, seconds: float) 
 
         def worker(index: int) -> None:
             local = np.random.default_rng(index)
+            step, began = "lookup", time.monotonic()
             try:
                 while time.monotonic() < deadline:
                     prompt = np.concatenate([shared[index % 8], local.integers(0, 32000, 32)])
+                    step, began = "lookup", time.monotonic()
                     with client.lookup(prompt) as result:
+                        step = "fetch"
                         client.fetch(result)
                         kv = kv_model.kv(prompt)[:, :, result.matched_tokens :]
+                        step = "store"
                         client.store(prompt, kv, result=result)
+                        step = "release"
                     done[index] += 1
-            except Exception as exc:  # counted and reported in the row
-                errors.append(exc)
+            except Exception as exc:  # counted and reported in the row, with where it failed
+                errors.append(f"{step} after {time.monotonic() - began:.1f} s: {exc!r:.100}")
 
         pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
         for thread in pool:
@@ -204,7 +209,7 @@ def bench_throughput(client: KVClient, config: KVClusterConfig, seconds: float) 
         torch.set_num_threads(torch_threads)
     return [{"name": "requests/s, 128 client threads (route+fetch+store)", "value": many, "unit": "req/s",
              "baseline": "1 client thread", "baseline_value": single,
-             "target": "zero errors" + (f" ({len(errors)} seen, first: {errors[0]!r:.120})" if errors else "")
+             "target": "zero errors" + (f" ({len(errors)} seen, first: {errors[0]})" if errors else "")
              + f"; router saw {registry_failures} registry failures",
              "met": not errors}]
 

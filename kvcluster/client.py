@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -32,12 +33,13 @@ import numpy.typing as npt
 import torch
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable
+from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable, UnknownPrompt
 from kvcluster.kv_payload import KVPayload
 from kvcluster.migration import MigrationDecision, MigrationPlanner
 from kvcluster.node_handles import NodeHandle
 from kvcluster.node_types import LookupReply, StoreReply
-from kvcluster.token_wire import PromptWire, prompt_to_wire, wire_dtype
+from kvcluster.prompt_memory import PROMPT_ID_BYTES, SentPrompts
+from kvcluster.token_wire import PromptWire, frame_to_wire, prompt_ids, prompt_to_wire, wire_dtype
 from routing.block_hashing import BlockHashArray, BlockHasher
 from routing.chain_cache import ChainCache
 from routing.registry import PrefixRegistry
@@ -139,6 +141,9 @@ class KVClient:
         self._speculative_misses = 0
         cache_tokens = config.cluster.chain_cache_tokens
         self._chains = ChainCache(self._hasher, cache_tokens) if cache_tokens else None
+        kept_tokens = config.cluster.prompt_memory_tokens
+        self._sent = SentPrompts(kept_tokens * self._wire_dtype.itemsize) if kept_tokens else None
+        self._delta_min_bytes = config.cluster.prompt_delta_min_tokens * self._wire_dtype.itemsize
 
     @property
     def nodes(self) -> list[str]:
@@ -160,14 +165,14 @@ class KVClient:
         the chosen node is asked.
         """
         token_ids = as_tokens(tokens, self._spec.vocab_size)
-        wire = self._wire(namespace, token_ids)
+        ids = prompt_ids(token_ids, self._wire_dtype)
         bs = self._config.cache.block_size
         # The family is the first block's key: enough to start the speculative lookup, and
         # the rest of the chain is hashed while it is in flight.
         family = None
         if self._config.cluster.speculative_lookup and token_ids.size >= bs:
             family = self._hasher.hash_chain(token_ids[:bs], namespace)[0].tobytes()
-        speculation = self._speculate(family, wire)
+        speculation = self._speculate(family, namespace, ids)
         hashes = self._hash_chain(token_ids, namespace)
         excluded: set[str] = set()
         while True:
@@ -179,15 +184,15 @@ class KVClient:
             try:
                 reply: LookupReply | None = None
                 if speculation is not None:
-                    guessed, pending = speculation
+                    guessed, pending, base = speculation
                     speculation = None
                     if guessed == decision.node_id and (migration is None or migration.action != "pull"):
-                        reply = handle.resolve(pending)
+                        reply = self._call_with_prompt(handle, "lookup", (), namespace, ids, (pending, base))
                         self._count_speculation(hit=True)
                     else:
                         self._discard_speculation(guessed, pending)
                 if reply is None:
-                    reply = handle.call("lookup", *wire)
+                    reply = self._call_with_prompt(handle, "lookup", (), namespace, ids)
             except NodeUnavailable:
                 excluded.add(decision.node_id)
                 logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
@@ -211,20 +216,60 @@ class KVClient:
             return self._hasher.hash_chain(tokens, namespace)
         return self._chains.hash_chain(tokens, namespace)
 
-    def _speculate(self, family: bytes | None, wire: PromptWire) -> tuple[str, Any] | None:
+    def _speculate(self, family: bytes | None, namespace: str, ids: bytes) -> tuple[str, Any, bytes | None] | None:
         """Start the lookup on the family's last node, if it is known and calls there run
-        concurrently with this thread (a Ray actor; in-process nodes would run it inline)."""
+        concurrently with this thread (a Ray actor; in-process nodes would run it inline).
+        Returns the node, the pending reply and the kept prompt its frame refers to."""
         if family is None:
             return None
         with self._affinity_lock:
             node = self._affinity.get(family)
         handle = self._nodes.get(node) if node is not None else None
-        if handle is None or not handle.concurrent:
+        if node is None or handle is None or not handle.concurrent:
             return None
+        wire, base = self._node_wire(node, namespace, ids)
         try:
-            return node, handle.submit("lookup", *wire)  # type: ignore[return-value]
+            return node, handle.submit("lookup", *wire), base
         except NodeUnavailable:
             return None
+
+    def _node_wire(self, node: str, namespace: str, ids: bytes, *, full: bool = False) -> tuple[PromptWire, bytes | None]:
+        """The frame of a prompt (id bytes ``ids``) for ``node``, and the kept prompt it refers
+        to (None: sent in full). A long prompt is kept by the node under a fresh random id and
+        recorded here; unless ``full``, it is sent as a reference to the longest prompt the node
+        keeps that it starts with, plus the ids after that."""
+        sent = self._sent
+        if sent is None or len(ids) < self._delta_min_bytes:
+            return frame_to_wire(namespace, self._wire_dtype, ids), None
+        base = None if full else sent.base_for(node, namespace, ids)
+        prompt_id = os.urandom(PROMPT_ID_BYTES)
+        wire = frame_to_wire(
+            namespace, self._wire_dtype, ids, remember_as=prompt_id,
+            base=None if base is None else (base[0], base[1] // self._wire_dtype.itemsize),
+        )
+        sent.record(node, namespace, prompt_id, ids)
+        return wire, None if base is None else base[0]
+
+    def _call_with_prompt(self, handle: NodeHandle, method: str, args: tuple[Any, ...], namespace: str,
+                          ids: bytes, submitted: tuple[Any, bytes | None] | None = None) -> Any:
+        """``handle.method(*args, *prompt frame)``, or the result of the call already
+        ``submitted`` (its pending reply and the kept prompt its frame refers to). A node that
+        no longer keeps the referred prompt answers UnknownPrompt before doing anything; the
+        prompt then goes again in full."""
+        base = None
+        try:
+            if submitted is None:  # (an in-process node runs the call within submit)
+                wire, base = self._node_wire(handle.node_id, namespace, ids)
+                pending = handle.submit(method, *args, *wire)
+            else:
+                pending, base = submitted
+            return handle.resolve(pending)
+        except UnknownPrompt:
+            if base is None or self._sent is None:
+                raise
+            self._sent.forget(handle.node_id, namespace, base, ids)
+            wire, _ = self._node_wire(handle.node_id, namespace, ids, full=True)
+            return handle.call(method, *args, *wire)
 
     def _discard_speculation(self, node: str, pending: Any) -> None:
         """Have ``node`` release the lease of a lookup that lost to the router's choice; the
@@ -339,8 +384,8 @@ class KVClient:
         if node is None:
             node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
         payload = KVPayload.from_tensor(kv)
-        reply: StoreReply = self._nodes[node].call(
-            "store", payload, lease_id, *self._wire(namespace, token_ids)
+        reply: StoreReply = self._call_with_prompt(
+            self._nodes[node], "store", (payload, lease_id), namespace, prompt_ids(token_ids, self._wire_dtype)
         )
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
 

@@ -127,6 +127,15 @@ class ClusterConfig(BaseModel):
         "block-hash chains, so a repeated or extended prompt (a chat's next turn) hashes only its "
         "new blocks; 0 = off.",
     )
+    prompt_memory_tokens: int = Field(
+        default=1 << 21, ge=0, description="Token ids of recent long prompts each node keeps (and "
+        "each client remembers sending), so a repeated or extended long prompt crosses the wire as "
+        "a reference plus its new ids; 0 = off.",
+    )
+    prompt_delta_min_tokens: int = Field(
+        default=2048, ge=64, description="Prompts at least this long are kept by the node they "
+        "are sent to (shorter ones always travel in full: their bytes cost little).",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Base port of each node's Prometheus exporter (node i uses port + i); none = off.",

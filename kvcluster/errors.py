@@ -61,6 +61,11 @@ class LeaseError(NotFound):
     """A lease that was released, expired or belongs to another node or namespace."""
 
 
+class UnknownPrompt(NotFound):
+    """A prompt frame continues a prompt the node no longer keeps (or never kept): send the
+    prompt in full. Raised before the node changes anything."""
+
+
 # --- capacity -------------------------------------------------------------------------------
 
 

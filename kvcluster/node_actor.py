@@ -4,7 +4,8 @@ Ray needs the remote methods spelled out on the class, so each one forwards to t
 instrumented :class:`NodeEngine`. All state lives in the engine; this class only wires the
 registry client, the metrics exporter and the engine together.
 A prompt and its namespace arrive as the last arguments, in the frame of
-:mod:`kvcluster.token_wire`.
+:mod:`kvcluster.token_wire`; the actor keeps the long prompts its clients ask it to keep
+(:mod:`kvcluster.prompt_memory`), so they can be sent again as references.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.metrics import InstrumentedNode, NodeMetrics
 from kvcluster.node_engine import NodeEngine
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply
+from kvcluster.prompt_memory import PromptMemory
 from kvcluster.registry_factory import build_registry
 from kvcluster.token_wire import prompt_from_wire
 from routing.registry import NodeLoad, PrefixRegistry
@@ -39,6 +41,7 @@ class NodeActor:
         if registry is None:
             registry = build_registry(config.registry, registry_actor)
         self._engine = NodeEngine(node_id, config, registry)
+        self._prompts = PromptMemory(config.cluster.prompt_memory_tokens)
         self._metrics = NodeMetrics(node_id)
         self._node = InstrumentedNode(self._engine, self._metrics)
         if metrics_port is not None:
@@ -62,14 +65,14 @@ class NodeActor:
         return self._engine.load()
 
     def lookup(self, *prompt_wire: bytes) -> LookupReply:
-        namespace, tokens = prompt_from_wire(prompt_wire)
+        namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
         return self._node.lookup(tokens, namespace)
 
     def fetch(self, lease_id: str, namespace: str | None = None) -> KVPayload:
         return self._engine.fetch(lease_id, namespace)
 
     def store(self, payload: KVPayload | None, lease_id: str | None, *prompt_wire: bytes) -> StoreReply:
-        namespace, tokens = prompt_from_wire(prompt_wire)
+        namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
         return self._node.store(tokens, payload, namespace, lease_id)
 
     def release(self, lease_id: str) -> bool:
@@ -81,11 +84,11 @@ class NodeActor:
         return reply.lease_id is not None and self._engine.release(reply.lease_id)
 
     def export_prefix(self, *prompt_wire: bytes) -> KVPages | None:
-        namespace, tokens = prompt_from_wire(prompt_wire)
+        namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
         return self._node.export_prefix(tokens, namespace)
 
     def import_prefix(self, payload: KVPages | None, *prompt_wire: bytes) -> StoreReply:
-        namespace, tokens = prompt_from_wire(prompt_wire)
+        namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
         return self._node.import_prefix(tokens, payload, namespace)
 
     def drain_spills(self) -> bool:

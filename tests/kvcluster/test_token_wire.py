@@ -26,7 +26,7 @@ def test_round_trip_is_exact_and_every_chunk_is_inlinable(length: int, vocab_siz
     dtype = wire_dtype(vocab_size)
     wire = prompt_to_wire(namespace, tokens, dtype)
     assert all(isinstance(chunk, bytes) and 0 < len(chunk) <= WIRE_CHUNK_BYTES for chunk in wire)
-    assert sum(map(len, wire)) == 3 + len(namespace.encode()) + length * dtype.itemsize
+    assert sum(map(len, wire)) == 4 + len(namespace.encode()) + length * dtype.itemsize
     got_namespace, decoded = prompt_from_wire(wire)
     assert got_namespace == namespace
     assert decoded.dtype == np.int64 and decoded.flags.writeable
@@ -35,7 +35,7 @@ def test_round_trip_is_exact_and_every_chunk_is_inlinable(length: int, vocab_siz
 
 def test_a_32k_prompt_of_a_small_vocabulary_is_a_single_argument() -> None:
     wire = prompt_to_wire("default", np.arange(32_768, dtype=np.int64), wire_dtype(32_768))
-    assert len(wire) == 1 and len(wire[0]) == 3 + 7 + 65_536
+    assert len(wire) == 1 and len(wire[0]) == 4 + 7 + 65_536
 
 
 def test_an_overlong_namespace_is_refused() -> None:
@@ -50,10 +50,14 @@ def test_an_overlong_namespace_is_refused() -> None:
         (("text",), "one or more byte strings"),
         ((np.arange(3),), "one or more byte strings"),
         ((b"\x01",), "shorter than its header"),
-        ((b"\x09\x00\x00",), "unknown token id type 9"),
-        ((b"\x01\x05\x00abc",), "ends inside its namespace"),
-        ((b"\x01\x01\x00\xff",), "not UTF-8"),
-        ((b"\x02\x00\x00" + b"\0" * 6,), "6 bytes of token ids are not a whole number of uint32"),
+        ((b"\x09\x00\x00\x00",), "unknown token id type 9"),
+        ((b"\x01\x08\x00\x00",), "unknown prompt frame flags 0x08"),
+        ((b"\x01\x00\x05\x00abc",), "ends inside its namespace"),
+        ((b"\x01\x00\x01\x00\xff",), "not UTF-8"),
+        ((b"\x02\x00\x00\x00" + b"\0" * 6,), "6 bytes of token ids are not a whole number of uint32"),
+        ((b"\x01\x02\x00\x00" + b"\0" * 10,), "ends inside its base reference"),
+        ((b"\x01\x01\x00\x00" + b"\0" * 10,), "ends inside its prompt id"),
+        ((b"\x01\x02\x00\x00" + b"\0" * 20 + b"\1\0",), "this endpoint keeps none"),
     ],
 )
 def test_malformed_wire_is_refused_by_name(parts: tuple[object, ...], message: str) -> None:
