@@ -187,12 +187,14 @@ class KVClient:
                     guessed, pending, base = speculation
                     speculation = None
                     if guessed == decision.node_id and (migration is None or migration.action != "pull"):
-                        reply = self._call_with_prompt(handle, "lookup", (), namespace, ids, (pending, base))
+                        reply = LookupReply.from_wire(
+                            self._call_with_prompt(handle, "lookup", (), namespace, ids, (pending, base))
+                        )
                         self._count_speculation(hit=True)
                     else:
                         self._discard_speculation(guessed, pending)
                 if reply is None:
-                    reply = self._call_with_prompt(handle, "lookup", (), namespace, ids)
+                    reply = LookupReply.from_wire(self._call_with_prompt(handle, "lookup", (), namespace, ids))
             except NodeUnavailable:
                 excluded.add(decision.node_id)
                 logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
@@ -384,9 +386,9 @@ class KVClient:
         if node is None:
             node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
         payload = KVPayload.from_tensor(kv)
-        reply: StoreReply = self._call_with_prompt(
+        reply = StoreReply.from_wire(self._call_with_prompt(
             self._nodes[node], "store", (payload, lease_id), namespace, prompt_ids(token_ids, self._wire_dtype)
-        )
+        ))
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
 
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
@@ -423,9 +425,9 @@ class KVClient:
     async def aroute_and_lookup(self, tokens: Any, namespace: str = "default") -> RouteResult:
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         decision = self._router.route(token_ids, namespace, candidates=self._candidates(set()))
-        reply: LookupReply = await self._nodes[decision.node_id].acall(
+        reply = LookupReply.from_wire(await self._nodes[decision.node_id].acall(
             "lookup", *self._wire(namespace, token_ids)
-        )
+        ))
         return RouteResult(reply.node_id, namespace, token_ids, reply.matched_tokens,
                            reply.blocks_per_tier, reply.lease_id, decision.reason)
 

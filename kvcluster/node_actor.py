@@ -64,24 +64,27 @@ class NodeActor:
     def load(self) -> NodeLoad:
         return self._engine.load()
 
-    def lookup(self, *prompt_wire: bytes) -> LookupReply:
+    def lookup(self, *prompt_wire: bytes) -> tuple[Any, ...]:
+        """A :class:`LookupReply` in its wire form (``LookupReply.from_wire`` reads it)."""
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
-        return self._node.lookup(tokens, namespace)
+        return self._node.lookup(tokens, namespace).to_wire()
 
     def fetch(self, lease_id: str, namespace: str | None = None) -> KVPayload:
         return self._engine.fetch(lease_id, namespace)
 
-    def store(self, payload: KVPayload | None, lease_id: str | None, *prompt_wire: bytes) -> StoreReply:
+    def store(self, payload: KVPayload | None, lease_id: str | None, *prompt_wire: bytes) -> tuple[Any, ...]:
+        """A :class:`StoreReply` in its wire form."""
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
-        return self._node.store(tokens, payload, namespace, lease_id)
+        return self._node.store(tokens, payload, namespace, lease_id).to_wire()
 
     def release(self, lease_id: str) -> bool:
         return self._engine.release(lease_id)
 
-    def release_reply(self, reply: LookupReply) -> bool:
+    def release_reply(self, reply: Any) -> bool:
         """Release the lease of a lookup whose answer the client did not use (a speculative
         lookup on a node the router did not pick); Ray hands over the reply itself."""
-        return reply.lease_id is not None and self._engine.release(reply.lease_id)
+        lease_id = LookupReply.from_wire(reply).lease_id
+        return lease_id is not None and self._engine.release(lease_id)
 
     def export_prefix(self, *prompt_wire: bytes) -> KVPages | None:
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)

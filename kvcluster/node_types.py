@@ -1,13 +1,17 @@
 """Records that cross the boundary between the client and the node actors.
 
-They are small frozen, slotted dataclasses of plain values (numpy arrays at most), so Ray
-serialises them cheaply, and callers never see a node's internal structures.
+They are small frozen, slotted dataclasses of plain values (numpy arrays at most), and
+callers never see a node's internal structures. The replies of the per-request calls
+(``lookup``, ``store``) cross as plain tuples (:meth:`LookupReply.to_wire`): Ray encodes
+built-in values with msgpack but pickles any class, which cost ~200 us more per call on these
+machines, a tenth of a lookup's round trip.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
+from typing import Any
 
 from kvcluster.config import KVClusterConfig
 
@@ -62,6 +66,16 @@ class LookupReply:
     lease_id: str | None
     lease_expires_in_s: float
 
+    def to_wire(self) -> tuple[Any, ...]:
+        """The reply as built-in values only (see the module docstring)."""
+        return astuple(self)
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> LookupReply:
+        """The reply :meth:`to_wire` encoded (a list after some transports); passes a
+        ``LookupReply`` through."""
+        return wire if isinstance(wire, cls) else cls(*wire)
+
 
 @dataclass(frozen=True, slots=True)
 class StoreReply:
@@ -70,6 +84,14 @@ class StoreReply:
     cached_tokens: int
     new_tokens: int
     published_blocks: int
+
+    def to_wire(self) -> tuple[Any, ...]:
+        """The reply as built-in values only (see the module docstring)."""
+        return astuple(self)
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> StoreReply:
+        return wire if isinstance(wire, cls) else cls(*wire)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from kvcluster.client import ClientStats, KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.node_actor import NodeActor
 from kvcluster.node_handles import LocalNodeHandle, NodeHandle
+from kvcluster.node_types import LookupReply
 from kvcluster.registry_factory import build_registry
 from kvcluster.synthetic_kv import SyntheticKV
 
@@ -148,7 +149,7 @@ def test_release_reply_ignores_a_miss() -> None:
     with running_client() as (client, _):
         node = client.node_handle(client.nodes[0])
         miss = node.call("lookup", *client._wire("default", np.arange(7000, 7020)))
-        assert miss.lease_id is None
+        assert LookupReply.from_wire(miss).lease_id is None
         assert node.call("release_reply", miss) is False
 
 
