@@ -383,6 +383,14 @@ class PrefixIndex(PinsMixin):
         done = self._insert_validated([array.size], array.tobytes(), table.tobytes(), namespace)
         return InsertResult(done.cached_tokens, done.new_tokens, done.adopted_blocks, done.splits > 0, done.skipped > 0)
 
+    def insert_trusted(self, token_bytes: bytes, block_ids: Int64Array, namespace: str = "default") -> InsertBatchResult:
+        """``insert`` without its O(tokens) validation, for a caller that guarantees what it
+        checks: ``token_bytes`` are in-vocabulary token ids as native int64 bytes and
+        ``block_ids`` an int64 array of exactly ``ceil(tokens / block_size)`` allocated blocks
+        (the workload replay, which checked its prompts once and allocates its own blocks).
+        The batch-wide checks that depend on the tree still run, all or nothing."""
+        return self._insert_validated([len(token_bytes) >> 3], token_bytes, block_ids.tobytes(), namespace)
+
     def insert_many(
         self,
         items: Iterable[tuple[TokenInput, Sequence[int] | Int64Array]],
@@ -609,7 +617,8 @@ class PrefixIndex(PinsMixin):
             if pinned_straddles:
                 np.add.at(self._pin_refs, np.asarray(pinned_straddles, dtype=np.int64), 1)
         elif new_ids.size:
-            self._pool.incref(new_ids)
+            # Distinct (checked above) and allocated (checked by every caller on entry).
+            self._pool.incref_distinct(new_ids)
             self._tree_refs[new_ids] += 1
         self._blocks_used += new_ids.size - shared
         self._nodes += next_id - first_id

@@ -228,8 +228,9 @@ class _Replay:
             fresh = pool.allocate(take)
             assert fresh is not None
             table = np.concatenate([match.block_ids[:full], fresh]) if full else fresh
-            index.insert(prompt[:keep], table)
-            pool.decref(fresh)  # the "sequence" ends: the index holds the blocks now
+            # The prompt was validated when the workload was read, the table is ours.
+            index.insert_trusted(prompt[:keep].tobytes(), table)
+            pool.decref_distinct(fresh)  # the "sequence" ends: the index holds the blocks now
         finally:
             if lease is not None:
                 index.release(lease)

@@ -109,3 +109,22 @@ def test_large_allocation_round_trip() -> None:
     assert pool.decref(ids).size == 8192
     assert pool.num_free == 8192
     pool.check_invariants()
+
+
+def test_the_trusted_paths_match_the_checked_ones() -> None:
+    checked, trusted = BlockPool(8), BlockPool(8)
+    for pool in (checked, trusted):
+        ids = pool.allocate(5)
+        assert ids is not None
+    ids = np.arange(5)
+    checked.incref(ids[:3])
+    trusted.incref_distinct(ids[:3])
+    np.testing.assert_array_equal(checked.ref_counts(ids), trusted.ref_counts(ids))
+    for drop, freed in ((ids[1:4], [3]), (ids[1:3], [1, 2])):
+        freed_checked = checked.decref(drop)
+        freed_trusted = trusted.decref_distinct(drop)
+        assert sorted(freed_checked.tolist()) == sorted(freed_trusted.tolist()) == freed
+        np.testing.assert_array_equal(checked.ref_counts(ids), trusted.ref_counts(ids))
+    assert checked.num_free == trusted.num_free == 6
+    trusted.check_invariants()
+    assert sorted(trusted.allocate(6).tolist()) == sorted(checked.allocate(6).tolist())  # type: ignore[union-attr]

@@ -574,3 +574,27 @@ def test_ttl_needs_the_ttl_policy_and_vice_versa() -> None:
     with pytest.raises(InvalidArgument, match="lru\\+ttl"):
         make_policy("lru", ttl_s=5)
     assert make_policy(" TTL+lru ", ttl_s=5).name == "lru+ttl"
+
+
+def test_a_trusted_insert_builds_the_same_tree_and_keeps_the_tree_checks() -> None:
+    prompts = [np.arange(40), np.concatenate([np.arange(20), np.arange(100, 130)]), np.arange(50, 60)]
+    checked_pool, trusted_pool = BlockPool(64), BlockPool(64)
+    checked, trusted = PrefixIndex(checked_pool, 16), PrefixIndex(trusted_pool, 16)
+    for prompt in prompts:
+        blocks = -(-prompt.size // 16)
+        checked.insert(prompt, checked_pool.allocate(blocks))  # type: ignore[arg-type]
+        table = trusted_pool.allocate(blocks)
+        assert table is not None
+        trusted.insert_trusted(prompt.tobytes(), table)
+    for query in [*prompts, np.arange(30), np.arange(100, 120)]:
+        assert trusted.peek(query) == checked.peek(query)
+        np.testing.assert_array_equal(trusted.lookup(query).block_ids, checked.lookup(query).block_ids)
+    trusted.check_invariants()
+    reused = trusted.lookup(np.arange(40)).block_ids  # blocks that already hold other tokens
+    used, counts = trusted.stats().blocks_used, trusted_pool.ref_counts(np.arange(64))
+    with pytest.raises(InvalidArgument, match="already hold cached tokens"):
+        trusted.insert_trusted(np.arange(200, 232).tobytes(), reused[:2].copy())
+    assert trusted.stats().blocks_used == used
+    np.testing.assert_array_equal(trusted_pool.ref_counts(np.arange(64)), counts)
+    trusted.check_invariants()
+    assert trusted.peek(np.arange(200, 232)) == 0
