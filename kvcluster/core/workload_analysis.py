@@ -202,7 +202,8 @@ class _Replay:
         self.index = PrefixIndex(self.pool, block_size, policy=make_policy(policy)) if self.pool else None
         self.hit_tokens = 0
 
-    def feed(self, prompt: Int64Array, num_tokens: int, symbol_tokens: int) -> None:
+    def feed(self, prompt: Int64Array, raw: bytes, num_tokens: int, symbol_tokens: int) -> None:
+        """Replay one prompt (``raw``: its ids as int64 bytes, shared by every replay)."""
         index, pool = self.index, self.pool
         if index is None or pool is None:
             return
@@ -229,7 +230,7 @@ class _Replay:
             assert fresh is not None
             table = np.concatenate([match.block_ids[:full], fresh]) if full else fresh
             # The prompt was validated when the workload was read, the table is ours.
-            index.insert_trusted(prompt[:keep].tobytes(), table)
+            index.insert_trusted(raw if keep == size else raw[: keep * ID_BYTES], table)
             pool.decref_distinct(fresh)  # the "sequence" ends: the index holds the blocks now
         finally:
             if lease is not None:
@@ -313,18 +314,20 @@ def analyze_workload(
     trie = PromptTrie()
     unique = 0
     for array, num_tokens in zip(workload, workload.num_tokens):
-        matched = trie.add(array.tobytes())
+        raw = array.tobytes()
+        matched = trie.add(raw)
         unique += num_tokens - min(matched * symbol_tokens, num_tokens)
         for replay in replays:
-            replay.feed(array, num_tokens, symbol_tokens)
+            replay.feed(array, raw, num_tokens, symbol_tokens)
         done += num_tokens
         if progress is not None:
             progress(done, work)
     if two_passes:
         replays = replays_for(default_sizes(trie.footprint_blocks(block_tokens, symbol_tokens)))
         for array, num_tokens in zip(workload, workload.num_tokens):
+            raw = array.tobytes()
             for replay in replays:
-                replay.feed(array, num_tokens, symbol_tokens)
+                replay.feed(array, raw, num_tokens, symbol_tokens)
             done += num_tokens
             if progress is not None:
                 progress(done, work)
