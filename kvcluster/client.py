@@ -13,18 +13,21 @@ call to the chosen node, which verifies the tokens, matches token-granularly and
 matched under a lease until ``release`` (or the lease's expiry).
 
 Thread-safety: a client may be shared by any number of threads; it holds no per-request
-state. The ``a``-prefixed methods are the asyncio forms.
+state. The ``a``-prefixed methods are the asyncio forms (``aroute_and_lookup``, ``alookup``,
+``afetch``, ``astore``, ``arelease``): the same routing, failover and prompt references, with the
+registry's blocking round trip in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,10 +179,7 @@ class KVClient:
         hashes = self._hash_chain(token_ids, namespace)
         excluded: set[str] = set()
         while True:
-            decision = self._router.route(
-                token_ids, namespace, candidates=self._candidates(excluded), hashes=hashes
-            )
-            migration = self._maybe_migrate(token_ids, namespace, decision)
+            decision, migration = self._decide(token_ids, namespace, hashes, excluded)
             handle = self._nodes[decision.node_id]
             try:
                 reply: LookupReply | None = None
@@ -212,6 +212,13 @@ class KVClient:
                 explanation=decision.reason,
                 migration=migration,
             )
+
+    def _decide(self, token_ids: TokenArray, namespace: str, hashes: BlockHashArray | None,
+                excluded: set[str], *, migrate: bool = True) -> tuple[RouteDecision, MigrationDecision | None]:
+        """The router's choice among the nodes not ``excluded``, and the migration planned
+        (and, for a pull, done) when it left the best holder for load."""
+        decision = self._router.route(token_ids, namespace, candidates=self._candidates(excluded), hashes=hashes)
+        return decision, self._maybe_migrate(token_ids, namespace, decision) if migrate else None
 
     def _hash_chain(self, tokens: TokenArray, namespace: str) -> BlockHashArray:
         if self._chains is None:
@@ -267,11 +274,27 @@ class KVClient:
                 pending, base = submitted
             return handle.resolve(pending)
         except UnknownPrompt:
-            if base is None or self._sent is None:
+            if base is None:  # not about a reference of ours
                 raise
-            self._sent.forget(handle.node_id, namespace, base, ids)
-            wire, _ = self._node_wire(handle.node_id, namespace, ids, full=True)
-            return handle.call(method, *args, *wire)
+            return handle.call(method, *args, *self._full_wire_after_unknown(handle.node_id, namespace, ids, base))
+
+    async def _acall_with_prompt(self, handle: NodeHandle, method: str, args: tuple[Any, ...],
+                                 namespace: str, ids: bytes) -> Any:
+        """The asyncio form of :meth:`_call_with_prompt` (never a submitted call)."""
+        wire, base = self._node_wire(handle.node_id, namespace, ids)
+        try:
+            return await handle.acall(method, *args, *wire)
+        except UnknownPrompt:
+            if base is None:
+                raise
+            return await handle.acall(method, *args, *self._full_wire_after_unknown(handle.node_id, namespace, ids, base))
+
+    def _full_wire_after_unknown(self, node: str, namespace: str, ids: bytes, base: bytes) -> PromptWire:
+        """After ``node`` answered UnknownPrompt to a frame referring to ``base``: forget that
+        it keeps ``base``; return the prompt's full frame."""
+        if self._sent is not None:
+            self._sent.forget(node, namespace, base, ids)
+        return self._node_wire(node, namespace, ids, full=True)[0]
 
     def _discard_speculation(self, node: str, pending: Any) -> None:
         """Have ``node`` release the lease of a lookup that lost to the router's choice; the
@@ -369,6 +392,15 @@ class KVClient:
         covers ``tokens[result.matched_tokens:]`` and the node reuses the prefix its lease
         pins; otherwise ``kv`` covers all of ``tokens`` and goes to ``node`` or the routed one.
         """
+        handle, args, ids = self._store_request(tokens, kv, namespace, result, node)
+        reply = StoreReply.from_wire(self._call_with_prompt(handle, "store", args, namespace, ids))
+        return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
+
+    def _store_request(
+        self, tokens: Any, kv: torch.Tensor, namespace: str, result: RouteResult | None, node: str | None
+    ) -> tuple[NodeHandle, tuple[Any, ...], bytes]:
+        """Check a store's arguments; return the node's handle, the call's leading arguments
+        and the prompt's id bytes."""
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         start = 0
         lease_id = None
@@ -386,10 +418,7 @@ class KVClient:
         if node is None:
             node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
         payload = KVPayload.from_tensor(kv)
-        reply = StoreReply.from_wire(self._call_with_prompt(
-            self._nodes[node], "store", (payload, lease_id), namespace, prompt_ids(token_ids, self._wire_dtype)
-        ))
-        return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
+        return self._nodes[node], (payload, lease_id), prompt_ids(token_ids, self._wire_dtype)
 
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
         layers, comps, _, heads, dim = self._spec.page_shape(1)
@@ -423,13 +452,27 @@ class KVClient:
     # --- asyncio forms ----------------------------------------------------------------------
 
     async def aroute_and_lookup(self, tokens: Any, namespace: str = "default") -> RouteResult:
+        """The asyncio form of :meth:`route_and_lookup`: the same routing, migration, re-routing
+        around unavailable nodes and prompt references. The router's registry round trip (and
+        a pull, when the router plans one) run in a worker thread, so the event loop is never
+        blocked; lookups are not speculative (the registry answer comes first)."""
         token_ids = as_tokens(tokens, self._spec.vocab_size)
-        decision = self._router.route(token_ids, namespace, candidates=self._candidates(set()))
-        reply = LookupReply.from_wire(await self._nodes[decision.node_id].acall(
-            "lookup", *self._wire(namespace, token_ids)
-        ))
-        return RouteResult(reply.node_id, namespace, token_ids, reply.matched_tokens,
-                           reply.blocks_per_tier, reply.lease_id, decision.reason)
+        ids = prompt_ids(token_ids, self._wire_dtype)
+        hashes = self._hash_chain(token_ids, namespace)
+        excluded: set[str] = set()
+        while True:
+            decision, migration = await asyncio.to_thread(self._decide, token_ids, namespace, hashes, excluded)
+            handle = self._nodes[decision.node_id]
+            try:
+                reply = LookupReply.from_wire(await self._acall_with_prompt(handle, "lookup", (), namespace, ids))
+            except NodeUnavailable:
+                excluded.add(decision.node_id)
+                logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
+                if len(excluded) == len(self._nodes):
+                    raise
+                continue
+            return RouteResult(reply.node_id, namespace, token_ids, reply.matched_tokens,
+                               reply.blocks_per_tier, reply.lease_id, decision.reason, migration)
 
     async def afetch(self, result: RouteResult) -> torch.Tensor:
         if not result.matched_tokens or result.lease_id is None:
@@ -439,11 +482,38 @@ class KVClient:
         )
         return payload.to_tensor()
 
+    async def astore(
+        self,
+        tokens: Any,
+        kv: torch.Tensor,
+        namespace: str = "default",
+        *,
+        result: RouteResult | None = None,
+        node: str | None = None,
+    ) -> StoreResult:
+        """The asyncio form of :meth:`store`."""
+        if result is None and node is None:  # routing asks the registry: off the event loop
+            token_ids = as_tokens(tokens, self._spec.vocab_size)
+            node = (await asyncio.to_thread(self._decide, token_ids, namespace, None, set(), migrate=False))[0].node_id
+        handle, args, ids = self._store_request(tokens, kv, namespace, result, node)
+        reply = StoreReply.from_wire(await self._acall_with_prompt(handle, "store", args, namespace, ids))
+        return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
+
     async def arelease(self, result: RouteResult) -> bool:
         if result.lease_id is None:
             return False
         released: bool = await self._nodes[result.node_id].acall("release", result.lease_id)
         return released
+
+    @contextlib.asynccontextmanager
+    async def alookup(self, tokens: Any, namespace: str = "default") -> AsyncIterator[RouteResult]:
+        """The asyncio form of :meth:`lookup`: the lease is released when the block exits."""
+        result = await self.aroute_and_lookup(tokens, namespace)
+        try:
+            yield result
+        finally:
+            with contextlib.suppress(NodeUnavailable):
+                await self.arelease(result)
 
     # --- lifecycle --------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,24 @@ def test_route_store_fetch_round_trip(client: KVClient, kv_model: SyntheticKV) -
         assert result.matched_tokens == longer.size
     # The family's node was known, so that lookup was sent before the registry answered.
     assert client.stats().speculative_hits == before + 1
+
+
+def test_async_forms_and_long_prompt_references_through_ray(client: KVClient, kv_model: SyntheticKV) -> None:
+    """The asyncio forms await Ray's object refs; a long prompt's second lookup goes as a
+    reference to the copy its node kept (decoded by the actor, answers identical)."""
+    prompt = np.random.default_rng(7).integers(0, 32_000, 2_500)
+
+    async def scenario() -> None:
+        stored = await client.astore(prompt, kv_model.kv(prompt))
+        for _ in range(2):
+            async with client.alookup(prompt) as result:
+                assert (result.node_id, result.matched_tokens) == (stored.node_id, prompt.size)
+                assert torch.equal(await client.afetch(result), kv_model.kv(prompt))
+        with client.lookup(prompt) as result:
+            assert result.matched_tokens == prompt.size
+
+    asyncio.run(scenario())
+    assert all(stats.leases == 0 for stats in client.node_stats().values())
 
 
 def test_bad_input_gets_clear_errors(client: KVClient, kv_model: SyntheticKV) -> None:
