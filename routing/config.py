@@ -113,6 +113,14 @@ class RouterConfig(BaseModel):
         ge=0,
         description="How strongly a node's share of free blocks raises its score (a tie-breaker).",
     )
+    full_free_fraction: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="With no cached prefix anywhere, a ring choice with less than this share of "
+        "free blocks counts as full: among equally loaded choices one with room is preferred, so "
+        "a new prefix does not evict cached ones while another node has space.",
+    )
     registry_retry_s: float = Field(
         default=1.0,
         gt=0,

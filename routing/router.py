@@ -318,7 +318,10 @@ class Router:
                     + f", {inflight[chosen]} in flight"
                 )
         else:
-            reported = {n: info.load.inflight_requests for n, info in live.items()}
+            full_below = config.full_free_fraction
+            reported = {
+                n: (info.load.inflight_requests, info.load.free_fraction < full_below) for n, info in live.items()
+            }
             chosen = self._least_loaded_on_ring(fallback_key, live, eligible, reported)
             fallback = "no_match"
             self._no_match += 1
@@ -348,16 +351,17 @@ class Router:
         )
 
     def _least_loaded_on_ring(
-        self, key: int, live: Iterable[str], eligible: Container[str], inflight: dict[str, int]
+        self, key: int, live: Iterable[str], eligible: Container[str], load: dict[str, tuple[int, bool]]
     ) -> str:
         """The least loaded of the first ``fallback_choices`` eligible nodes in the ring order
-        of ``key`` (ties: ring order, so the first is the prefix's home). ``inflight`` here is
-        what the nodes reported in their last heartbeat, not this router's own count of
-        requests sent since: that count grows with every request, so a prefix's second
-        request would leave the node its first one just stored on. Heartbeat loads change
-        once per interval, so a prefix keeps its node between them (its later requests find
-        what the first stored, even before the registry indexes it), yet one busy node does
-        not take every new prefix that hashes to it."""
+        of ``key``: fewest requests in flight, then not full (``load`` holds both), then ring
+        order, so the first is the prefix's home. The loads here are what the nodes reported
+        in their last heartbeat, not this router's own count of requests sent since: that
+        count grows with every request, so a prefix's second request would leave the node its
+        first one just stored on. Heartbeat loads change once per interval, so a prefix keeps
+        its node between them (its later requests find what the first stored, even before the
+        registry indexes it), yet one busy or full node does not take every new prefix that
+        hashes to it."""
         choices = []
         for node in self._ring_for(live).walk(key):
             if node in eligible:
@@ -365,7 +369,7 @@ class Router:
                 if len(choices) == self._config.fallback_choices:
                     break
         assert choices, "the ring holds every live node and at least one is eligible"
-        return min(choices, key=lambda n: inflight[n])
+        return min(choices, key=load.__getitem__)
 
     def _ring_for(self, nodes: Iterable[str]) -> HashRing:
         key = frozenset(nodes)

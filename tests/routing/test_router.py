@@ -338,6 +338,26 @@ def test_new_prefixes_take_the_less_loaded_of_two_ring_choices() -> None:
     assert plain.router.route_hashes(chain).node_id == first
 
 
+def test_a_new_prefix_avoids_a_full_home_when_an_equally_loaded_choice_has_room() -> None:
+    nodes = [f"n{i}" for i in range(4)]
+    cluster = Cluster(nodes, fallback_choices=2)
+    chain = HASHER.hash_chain(tokens(14))
+    first, second = list(HashRing(nodes, 64).walk(ring_key(chain[0].tobytes())))[:2]
+    for node in nodes:  # the home has 2% of its blocks free, the others half
+        cluster.load(node, 0, free=2 if node == first else 50, total=100)
+    decision = cluster.router.route_hashes(chain)
+    assert decision.node_id == second and "ring affinity" in decision.reason
+    for node in nodes:  # every choice full: the home again
+        cluster.load(node, 0, free=1, total=100)
+    assert cluster.router.route_hashes(chain).node_id == first
+    for node in nodes:  # load comes before room
+        cluster.load(node, 0 if node == first else 2, free=2 if node == first else 50, total=100)
+    assert cluster.router.route_hashes(chain).node_id == first
+    for node in nodes:  # unknown capacity counts as room
+        cluster.load(node, 0)
+    assert cluster.router.route_hashes(chain).node_id == first
+
+
 def test_concurrent_routing_keeps_counts() -> None:
     cluster = Cluster([f"n{i}" for i in range(4)], imbalance_threshold=1.25)
     chain = HASHER.hash_chain(tokens(15))
