@@ -343,15 +343,15 @@ def test_a_new_prefix_avoids_a_full_home_when_an_equally_loaded_choice_has_room(
     cluster = Cluster(nodes, fallback_choices=2)
     chain = HASHER.hash_chain(tokens(14))
     first, second = list(HashRing(nodes, 64).walk(ring_key(chain[0].tobytes())))[:2]
-    for node in nodes:  # the home has 2% of its blocks free, the others half
-        cluster.load(node, 0, free=2 if node == first else 50, total=100)
+    for node in nodes:  # the home has none of its blocks free, the others half
+        cluster.load(node, 0, free=0 if node == first else 50, total=100)
     decision = cluster.router.route_hashes(chain)
     assert decision.node_id == second and "ring affinity" in decision.reason
     for node in nodes:  # every choice full: the home again
-        cluster.load(node, 0, free=1, total=100)
+        cluster.load(node, 0, free=0, total=100)
     assert cluster.router.route_hashes(chain).node_id == first
     for node in nodes:  # load comes before room
-        cluster.load(node, 0 if node == first else 2, free=2 if node == first else 50, total=100)
+        cluster.load(node, 0 if node == first else 2, free=0 if node == first else 50, total=100)
     assert cluster.router.route_hashes(chain).node_id == first
     for node in nodes:  # unknown capacity counts as room
         cluster.load(node, 0)
