@@ -246,15 +246,19 @@ class KVClient:
         """The frame of a prompt (id bytes ``ids``) for ``node``, and the kept prompt it refers
         to (None: sent in full). A long prompt is kept by the node under a fresh random id and
         recorded here; unless ``full``, it is sent as a reference to the longest prompt the node
-        keeps that it starts with, plus the ids after that."""
+        keeps that it starts with, plus the ids after that (a prompt the node keeps whole is
+        just the reference, and is not kept twice)."""
         sent = self._sent
         if sent is None or len(ids) < self._delta_min_bytes:
             return frame_to_wire(namespace, self._wire_dtype, ids), None
         base = None if full else sent.base_for(node, namespace, ids)
+        itemsize = self._wire_dtype.itemsize
+        if base is not None and base[1] == len(ids):  # the very prompt the node keeps
+            return frame_to_wire(namespace, self._wire_dtype, ids, base=(base[0], base[1] // itemsize)), base[0]
         prompt_id = os.urandom(PROMPT_ID_BYTES)
         wire = frame_to_wire(
             namespace, self._wire_dtype, ids, remember_as=prompt_id,
-            base=None if base is None else (base[0], base[1] // self._wire_dtype.itemsize),
+            base=None if base is None else (base[0], base[1] // itemsize),
         )
         sent.record(node, namespace, prompt_id, ids)
         return wire, None if base is None else base[0]
