@@ -104,6 +104,10 @@ def test_async_forms_and_long_prompt_references_through_ray(client: KVClient, kv
 
     async def scenario() -> None:
         stored = await client.astore(prompt, kv_model.kv(prompt))
+        deadline = time.monotonic() + 10
+        while not client.router.route(prompt).matched_blocks:  # until the registry indexes it
+            assert time.monotonic() < deadline, "the stored prefix never reached the registry"
+            await asyncio.sleep(0.05)
         for _ in range(2):
             async with client.alookup(prompt) as result:
                 assert (result.node_id, result.matched_tokens) == (stored.node_id, prompt.size)
