@@ -145,7 +145,7 @@ class KVClient:
         cache_tokens = config.cluster.chain_cache_tokens
         self._chains = ChainCache(self._hasher, cache_tokens) if cache_tokens else None
         kept_tokens = config.cluster.prompt_memory_tokens
-        self._sent = SentPrompts(kept_tokens * self._wire_dtype.itemsize) if kept_tokens else None
+        self._sent = SentPrompts(kept_tokens * self._wire_dtype.itemsize, clock) if kept_tokens else None
         self._delta_min_bytes = config.cluster.prompt_delta_min_tokens * self._wire_dtype.itemsize
 
     @property
@@ -249,7 +249,7 @@ class KVClient:
         keeps that it starts with, plus the ids after that (a prompt the node keeps whole is
         just the reference, and is not kept twice)."""
         sent = self._sent
-        if sent is None or len(ids) < self._delta_min_bytes:
+        if sent is None or len(ids) < self._delta_min_bytes or sent.paused(node):
             return frame_to_wire(namespace, self._wire_dtype, ids), None
         base = None if full else sent.base_for(node, namespace, ids)
         itemsize = self._wire_dtype.itemsize
@@ -276,22 +276,28 @@ class KVClient:
                 pending = handle.submit(method, *args, *wire)
             else:
                 pending, base = submitted
-            return handle.resolve(pending)
+            reply = handle.resolve(pending)
         except UnknownPrompt:
             if base is None:  # not about a reference of ours
                 raise
             return handle.call(method, *args, *self._full_wire_after_unknown(handle.node_id, namespace, ids, base))
+        if base is not None and self._sent is not None:
+            self._sent.accepted(handle.node_id)
+        return reply
 
     async def _acall_with_prompt(self, handle: NodeHandle, method: str, args: tuple[Any, ...],
                                  namespace: str, ids: bytes) -> Any:
         """The asyncio form of :meth:`_call_with_prompt` (never a submitted call)."""
         wire, base = self._node_wire(handle.node_id, namespace, ids)
         try:
-            return await handle.acall(method, *args, *wire)
+            reply = await handle.acall(method, *args, *wire)
         except UnknownPrompt:
             if base is None:
                 raise
             return await handle.acall(method, *args, *self._full_wire_after_unknown(handle.node_id, namespace, ids, base))
+        if base is not None and self._sent is not None:
+            self._sent.accepted(handle.node_id)
+        return reply
 
     def _full_wire_after_unknown(self, node: str, namespace: str, ids: bytes, base: bytes) -> PromptWire:
         """After ``node`` answered UnknownPrompt to a frame referring to ``base``: forget that

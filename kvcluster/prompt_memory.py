@@ -18,7 +18,9 @@ Thread-safety: both classes lock their state; nodes and clients call them from m
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvcluster.errors import InvalidArgument, InvalidTokens, UnknownPrompt
@@ -29,6 +31,11 @@ PROMPT_ID_BYTES = 16
 FAMILY_BYTES = 64
 #: Kept prompts a client remembers per (node, family): the latest turns of a conversation.
 PER_FAMILY = 4
+#: A node that refuses this many references in a row keeps no prompts for us (its budget is
+#: 0 or far smaller than ours): the client stops asking it to keep any for REFUSAL_PAUSE_S, so
+#: a misconfigured node costs one extra round trip a few times, not on every call.
+REFUSALS_BEFORE_PAUSE = 3
+REFUSAL_PAUSE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +103,35 @@ class SentPrompts:
     """What a client asked each node to keep, so a later prompt can refer to it.
 
     At most ``max_bytes`` of ids are remembered (least recently used families dropped first),
-    and :data:`PER_FAMILY` prompts per (node, family).
+    and :data:`PER_FAMILY` prompts per (node, family). A node that refuses
+    :data:`REFUSALS_BEFORE_PAUSE` references in a row is paused (:meth:`paused`).
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._max_bytes = max_bytes
+        self._clock = clock
         self._families: OrderedDict[tuple[str, str, bytes], list[tuple[bytes, bytes]]] = OrderedDict()
         self._bytes = 0
+        self._refusals: dict[str, int] = {}
+        self._paused_until: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def paused(self, node: str) -> bool:
+        """Whether ``node`` is not asked to keep prompts now (it kept refusing references)."""
+        until = self._paused_until.get(node)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        with self._lock:
+            self._paused_until.pop(node, None)
+        return False
+
+    def accepted(self, node: str) -> None:
+        """``node`` resolved a reference: its run of refusals ends."""
+        if node in self._refusals:
+            with self._lock:
+                self._refusals.pop(node, None)
 
     def base_for(self, node: str, namespace: str, ids: bytes) -> tuple[bytes, int] | None:
         """``(prompt id, id bytes)`` of the longest prompt kept by ``node`` that ``ids`` starts
@@ -140,7 +168,17 @@ class SentPrompts:
                     self._bytes -= sum(len(kept) for _, kept in self._families.pop(oldest))
 
     def forget(self, node: str, namespace: str, prompt_id: bytes, ids: bytes) -> None:
-        """``node`` does not keep ``prompt_id`` (it answered :class:`UnknownPrompt`)."""
+        """``node`` does not keep ``prompt_id`` (it answered :class:`UnknownPrompt`); after
+        :data:`REFUSALS_BEFORE_PAUSE` such answers in a row it is paused."""
+        with self._lock:
+            refusals = self._refusals.get(node, 0) + 1
+            self._refusals[node] = refusals
+        if refusals >= REFUSALS_BEFORE_PAUSE:
+            self.forget_node(node)
+            with self._lock:
+                self._refusals.pop(node, None)
+                self._paused_until[node] = self._clock() + REFUSAL_PAUSE_S
+            return
         key = (node, namespace, ids[:FAMILY_BYTES])
         with self._lock:
             sent = self._families.get(key)

@@ -143,3 +143,19 @@ def test_short_prompts_and_a_disabled_memory_always_travel_in_full(kv_model: Syn
             assert result.matched_tokens == LONG
         assert [flags for *_, flags in frames] == [0, 0]
         assert all(len(node._prompts) == 0 for node in nodes)
+
+
+def test_a_node_that_keeps_no_prompts_costs_extra_round_trips_only_a_few_times(kv_model: SyntheticKV) -> None:
+    with running_client() as (client, frames, nodes):
+        prompt = np.random.default_rng(4).integers(0, 32_000, LONG)
+        stored = client.store(prompt, kv_model.kv(prompt))
+        holder = next(node for node in nodes if node.node_id == stored.node_id)
+        holder._prompts = PromptMemory(0)  # a node deployed with prompt_memory_tokens: 0
+        frames.clear()
+        for _ in range(6):
+            with client.lookup(prompt) as result:
+                assert result.matched_tokens == LONG
+        # Three references refused, each followed by the full prompt; then the client stops
+        # asking that node to keep prompts: plain full frames, one call per lookup.
+        assert [flag for *_, flag in frames] == [BASE, REMEMBER, BASE, REMEMBER, BASE, 0, 0, 0, 0]
+        assert set(client.node_stats()[n].leases for n in client.nodes) == {0}

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from kvcluster.errors import InvalidArgument, InvalidTokens, UnknownPrompt
-from kvcluster.prompt_memory import PER_FAMILY, PROMPT_ID_BYTES, PromptMemory, SentPrompts
+from kvcluster.prompt_memory import (
+    PER_FAMILY,
+    PROMPT_ID_BYTES,
+    REFUSAL_PAUSE_S,
+    REFUSALS_BEFORE_PAUSE,
+    PromptMemory,
+    SentPrompts,
+)
 from kvcluster.token_wire import frame_to_wire, prompt_from_wire, prompt_ids, wire_dtype
 
 DTYPE = wire_dtype(32_000)
@@ -132,3 +139,23 @@ def test_sent_prompts_stay_within_their_budget() -> None:
     assert sent.base_for("n1", "t", other) == (b"z" * 16, 200)
     sent.record("n1", "t", b"y" * 16, ids_of(np.arange(300)))  # larger than the budget: ignored
     assert sent.base_for("n1", "t", ids_of(np.arange(300))) is None
+
+
+def test_a_node_that_keeps_refusing_references_is_paused_then_retried() -> None:
+    now = [0.0]
+    sent = SentPrompts(max_bytes=1 << 20, clock=lambda: now[0])
+    prompt = ids_of(np.arange(100))
+    for attempt in range(REFUSALS_BEFORE_PAUSE):
+        assert not sent.paused("n1")
+        sent.record("n1", "t", bytes([attempt]) * 16, prompt)
+        sent.forget("n1", "t", bytes([attempt]) * 16, prompt)
+    assert sent.paused("n1") and not sent.paused("n2")
+    assert sent.base_for("n1", "t", prompt) is None
+    now[0] += REFUSAL_PAUSE_S
+    assert not sent.paused("n1")
+    # An accepted reference ends a run of refusals.
+    for _ in range(2):
+        sent.forget("n1", "t", b"x" * 16, prompt)
+    sent.accepted("n1")
+    sent.forget("n1", "t", b"x" * 16, prompt)
+    assert not sent.paused("n1")
