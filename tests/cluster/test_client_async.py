@@ -18,10 +18,10 @@ from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.errors import InvalidKV, NodeUnavailable
 from kvcluster.node_actor import NodeActor
-from kvcluster.node_handles import LocalNodeHandle, NodeHandle
+from kvcluster.node_handles import LocalNodeHandle
 from kvcluster.prompt_memory import PromptMemory
-from kvcluster.registry_factory import build_registry
 from kvcluster.synthetic_kv import SyntheticKV
+from tests.cluster.in_process import in_process_client
 
 
 class FlakyHandle(LocalNodeHandle):
@@ -47,25 +47,8 @@ class FlakyHandle(LocalNodeHandle):
 
 @contextmanager
 def running_client() -> Iterator[tuple[KVClient, dict[str, FlakyHandle], list[NodeActor]]]:
-    config = KVClusterConfig.from_dict({
-        "cache": {"num_blocks": 1024, "max_context": 8192},
-        "tiers": {"cpu": {"capacity": "1MiB"}},
-        "registry": {"index_stride_blocks": 1},
-    })
-    registry = build_registry(config.registry)
-    data = config.model_dump(mode="json")
-    nodes = [NodeActor(f"n{i}", data, registry=registry) for i in range(3)]
-    handles = {n.node_id: FlakyHandle(n) for n in nodes}
-
-    def shutdown() -> None:
-        for node in nodes:
-            node.shutdown()
-
-    client = KVClient(config, registry, dict[str, NodeHandle](handles), on_close=shutdown)
-    try:
-        yield client, handles, nodes
-    finally:
-        client.close()
+    with in_process_client(FlakyHandle, cache={"num_blocks": 1024, "max_context": 8192}) as running:
+        yield running
 
 
 @pytest.fixture

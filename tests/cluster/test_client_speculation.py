@@ -16,11 +16,10 @@ import torch
 
 from kvcluster.client import ClientStats, KVClient
 from kvcluster.config import KVClusterConfig
-from kvcluster.node_actor import NodeActor
-from kvcluster.node_handles import LocalNodeHandle, NodeHandle
+from kvcluster.node_handles import LocalNodeHandle
 from kvcluster.node_types import LookupReply
-from kvcluster.registry_factory import build_registry
 from kvcluster.synthetic_kv import SyntheticKV
+from tests.cluster.in_process import in_process_client
 
 
 class RecordingHandle(LocalNodeHandle):
@@ -40,27 +39,9 @@ class RecordingHandle(LocalNodeHandle):
 @contextmanager
 def running_client(**cluster: Any) -> Iterator[tuple[KVClient, list[tuple[str, str]]]]:
     """A client of three in-process nodes (closed afterwards) and the log of their calls."""
-    config = KVClusterConfig.from_dict({
-        "cache": {"num_blocks": 256},
-        "tiers": {"cpu": {"capacity": "1MiB"}},
-        "registry": {"index_stride_blocks": 1},
-        "cluster": cluster,
-    })
-    registry = build_registry(config.registry)
-    data = config.model_dump(mode="json")
-    nodes = [NodeActor(f"n{i}", data, registry=registry) for i in range(3)]
     calls: list[tuple[str, str]] = []
-    handles: dict[str, NodeHandle] = {n.node_id: RecordingHandle(n, calls) for n in nodes}
-
-    def shutdown() -> None:
-        for node in nodes:
-            node.shutdown()
-
-    client = KVClient(config, registry, handles, on_close=shutdown)
-    try:
+    with in_process_client(lambda node: RecordingHandle(node, calls), cluster=cluster) as (client, _, _):
         yield client, calls
-    finally:
-        client.close()
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ import pytest
 from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.node_actor import NodeActor
-from kvcluster.node_handles import LocalNodeHandle, NodeHandle
+from kvcluster.node_handles import LocalNodeHandle
 from kvcluster.prompt_memory import PromptMemory
-from kvcluster.registry_factory import build_registry
 from kvcluster.synthetic_kv import SyntheticKV
 from kvcluster.token_wire import BASE, REMEMBER
+from tests.cluster.in_process import in_process_client
 
 LONG = 3_000  # above the default prompt_delta_min_tokens (2048)
 
@@ -41,27 +41,12 @@ class FrameRecordingHandle(LocalNodeHandle):
 
 @contextmanager
 def running_client(**cluster: Any) -> Iterator[tuple[KVClient, list[tuple[str, str, int, int]], list[NodeActor]]]:
-    config = KVClusterConfig.from_dict({
-        "cache": {"num_blocks": 2048, "max_context": 8192},
-        "tiers": {"cpu": {"capacity": "1MiB"}},
-        "registry": {"index_stride_blocks": 1},
-        "cluster": cluster,
-    })
-    registry = build_registry(config.registry)
-    data = config.model_dump(mode="json")
-    nodes = [NodeActor(f"n{i}", data, registry=registry) for i in range(2)]
     frames: list[tuple[str, str, int, int]] = []
-    handles: dict[str, NodeHandle] = {n.node_id: FrameRecordingHandle(n, frames) for n in nodes}
-
-    def shutdown() -> None:
-        for node in nodes:
-            node.shutdown()
-
-    client = KVClient(config, registry, handles, on_close=shutdown)
-    try:
+    with in_process_client(
+        lambda node: FrameRecordingHandle(node, frames), nodes=2,
+        cache={"num_blocks": 2048, "max_context": 8192}, cluster=cluster,
+    ) as (client, _, nodes):
         yield client, frames, nodes
-    finally:
-        client.close()
 
 
 @pytest.fixture
