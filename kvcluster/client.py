@@ -252,16 +252,16 @@ class KVClient:
         if sent is None or len(ids) < self._delta_min_bytes or sent.paused(node):
             return frame_to_wire(namespace, self._wire_dtype, ids), None
         base = None if full else sent.base_for(node, namespace, ids)
-        itemsize = self._wire_dtype.itemsize
-        if base is not None and base[1] == len(ids):  # the very prompt the node keeps
-            return frame_to_wire(namespace, self._wire_dtype, ids, base=(base[0], base[1] // itemsize)), base[0]
+        if base is None:
+            base_id, reference = None, None
+        else:
+            base_id, reference = base[0], (base[0], base[1] // self._wire_dtype.itemsize)
+            if base[1] == len(ids):  # the very prompt the node keeps
+                return frame_to_wire(namespace, self._wire_dtype, ids, base=reference), base_id
         prompt_id = os.urandom(PROMPT_ID_BYTES)
-        wire = frame_to_wire(
-            namespace, self._wire_dtype, ids, remember_as=prompt_id,
-            base=None if base is None else (base[0], base[1] // itemsize),
-        )
+        wire = frame_to_wire(namespace, self._wire_dtype, ids, remember_as=prompt_id, base=reference)
         sent.record(node, namespace, prompt_id, ids)
-        return wire, None if base is None else base[0]
+        return wire, base_id
 
     def _call_with_prompt(self, handle: NodeHandle, method: str, args: tuple[Any, ...], namespace: str,
                           ids: bytes, submitted: tuple[Any, bytes | None] | None = None) -> Any:
