@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """A base port whose ``count`` consecutive ports are free on every interface, picked
+    below Linux's ephemeral range (32768+), where Ray's many outgoing connections could take
+    one of them between this check and the server's bind."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32768 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no run of {count} free ports found")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import RedisServer, free_port
+from tests.cluster.conftest import RedisServer, free_port, free_port_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.ray_cluster]
 
@@ -57,9 +57,11 @@ def compose_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFa
         "KVCLUSTER_REDIS_URL": redis_server.url,
         "PYTHONPATH": str(ROOT),
     }
-    # The compose file's metrics port (9400) may be taken on a shared machine.
+    # The compose file's metrics port (9400) may be taken on a shared machine; node i serves
+    # on base + i, so the three nodes need a run of three free ports.
     config_path = tmp_path_factory.mktemp("compose") / "compose.yaml"
-    config_path.write_text((ROOT / CONFIG).read_text().replace("metrics_port: 9400", f"metrics_port: {free_port()}"))
+    metrics_base = free_port_run(3)
+    config_path.write_text((ROOT / CONFIG).read_text().replace("metrics_port: 9400", f"metrics_port: {metrics_base}"))
     env["KVCLUSTER_TEST_CONFIG"] = str(config_path)
     ray = str(BIN / "ray")
     common = ["--num-cpus=1", "--object-store-memory=80000000", "--block"]
