@@ -6,12 +6,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     RAY_AUTH_MODE=disabled \
     RAY_USAGE_STATS_ENABLED=0
 
+# gcc builds the optional native accelerators (block-hash chains, radix walks); without it the
+# install still works, on the slower pure-Python paths.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends redis-tools curl \
+    && apt-get install -y --no-install-recommends redis-tools curl gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/kvcluster
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml setup.py constraints.txt README.md ./
 COPY kvcluster ./kvcluster
 COPY tiers ./tiers
 COPY routing ./routing

@@ -18,7 +18,10 @@ venv: $(STAMP)
 # torch goes in first from the pinned constraints so pip takes the local CPU wheel,
 # never a CUDA build resolved from the registry. The demo needs only the runtime packages
 # (the dev tools and transformers add ~45 s to a fresh clone's first `make demo`).
-$(RUNTIME_STAMP): pyproject.toml constraints.txt
+# The native accelerators (optional C extensions) are rebuilt when their sources change.
+NATIVE_SOURCES := setup.py $(wildcard routing/*.c kvcluster/core/*.c)
+
+$(RUNTIME_STAMP): pyproject.toml constraints.txt $(NATIVE_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch
 	$(PIP) install -q -c constraints.txt -e .

@@ -16,11 +16,18 @@ miss because every hit is verified against the stored tokens). Every key is 16 b
 Stability: only fixed byte encodings are hashed (never ``hash()``, never pickle), so a key
 is the same in every process, machine and Python version; ``tests/routing`` pins vectors.
 
-Speed: the chain is sequential by construction (each key needs its parent). The fast path
-splits all blocks into ``bytes`` objects in one vectorised numpy pass (a ``V{4B}`` view and
-``tolist``), then runs a tight loop of one C call per block over pre-built inputs; the
-straightforward per-block loop (:func:`hash_chain_reference`) slices and converts tokens for
-every block. Both compute the same keys; ``benchmarks/bench_routing.py`` measures them.
+Speed: the chain is sequential by construction (each key needs its parent). Three forms
+compute the same keys; ``benchmarks/bench_routing.py`` measures them:
+
+- native (used when available): the optional C extension :mod:`routing._chainhash` runs the
+  whole chain in one call with the GIL released, calling the XXH3-128 of the ``xxhash``
+  package and the SHA-256 of Python's libcrypto. It is checked against the Python form on
+  fixed inputs when first bound, and is skipped if it was not built (no C compiler) or fails
+  that check;
+- Python: all blocks become ``bytes`` objects in one vectorised numpy pass (a ``V{4B}`` view
+  and ``tolist``), then a tight loop makes one C call per block over those inputs;
+- reference (:func:`hash_chain_reference`): the straightforward per-block loop that slices
+  and converts tokens for every block.
 
 Representation: a chain is a numpy array of dtype :data:`BLOCK_HASH_DTYPE` (``V16``, one
 16-byte key per element); ``arr.tobytes()`` is the keys back to back and ``arr.tolist()``
@@ -31,7 +38,9 @@ Thread-safety: :class:`BlockHasher` is immutable; all methods may be called conc
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from typing import Literal, NewType, cast
 
@@ -67,6 +76,67 @@ def _sha256_128(data: bytes) -> bytes:
 
 
 _DIGESTS: dict[str, Callable[[bytes], bytes]] = {"xxh3_128": _xxh3_128, "sha256": _sha256_128}
+
+
+class _NativeChains:
+    """The native chain functions, bound once per process on first use (see module docstring).
+
+    ``for_algorithm`` returns ``chain(start, blocks, width) -> keys`` or ``None`` when the
+    extension is missing or disagrees with the Python form.
+    """
+
+    _IDS = {"xxh3_128": 0, "sha256": 1}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bound: dict[str, Callable[[bytes, bytes, int], bytes] | None] | None = None
+
+    def for_algorithm(self, algorithm: str) -> Callable[[bytes, bytes, int], bytes] | None:
+        if self._bound is None:
+            with self._lock:
+                if self._bound is None:
+                    self._bound = self._bind()
+        return self._bound.get(algorithm)
+
+    def _bind(self) -> dict[str, Callable[[bytes, bytes, int], bytes] | None]:
+        try:
+            from routing import _chainhash  # type: ignore[attr-defined]
+        except ImportError:
+            return {}
+        libraries = {"xxh3_128": (_chainhash.bind_xxh3_128, xxhash._xxhash.__file__)}
+        try:
+            import _hashlib  # the OpenSSL binding behind hashlib.sha256
+
+            libraries["sha256"] = (_chainhash.bind_sha256, _hashlib.__file__)
+        except (ImportError, AttributeError):
+            pass
+        bound: dict[str, Callable[[bytes, bytes, int], bytes] | None] = {}
+        for algorithm, (bind, path) in libraries.items():
+            try:
+                bind(path)
+            except OSError:
+                continue
+            native = functools.partial(_chainhash.chain, self._IDS[algorithm])
+            if self._agrees(algorithm, native):
+                bound[algorithm] = native
+        return bound
+
+    @staticmethod
+    def _agrees(algorithm: str, native: Callable[[bytes, bytes, int], bytes]) -> bool:
+        digest = _DIGESTS[algorithm]
+        start = bytes(range(BLOCK_HASH_BYTES))
+        for width in (4, 64, 68, 128, 1024):  # short, medium and long XXH3 input paths
+            blocks = bytes((7 * i + width) % 251 for i in range(3 * width))
+            key, expected = start, []
+            for i in range(3):
+                key = digest(key + blocks[i * width : (i + 1) * width])
+                expected.append(key)
+            if native(start, blocks, width) != b"".join(expected):
+                return False
+        return True
+
+
+_NATIVE_CHAINS = _NativeChains()
 
 
 def _length_prefixed(*fields: bytes) -> bytes:
@@ -113,7 +183,15 @@ class BlockHasher:
     the chain root, so equal prompts in different namespaces never share a key.
     """
 
-    __slots__ = ("_algorithm", "_block_size", "_digest", "_header", "_model_fingerprint", "_salt")
+    __slots__ = (
+        "_algorithm",
+        "_block_size",
+        "_digest",
+        "_header",
+        "_model_fingerprint",
+        "_native",
+        "_salt",
+    )
 
     def __init__(
         self,
@@ -121,6 +199,8 @@ class BlockHasher:
         block_size: int,
         salt: bytes = b"",
         model_fingerprint: str = "",
+        *,
+        native: bool = True,
     ) -> None:
         if algorithm not in _DIGESTS:
             raise InvalidArgument(
@@ -135,6 +215,8 @@ class BlockHasher:
         self._salt = salt
         self._model_fingerprint = model_fingerprint
         self._digest = _DIGESTS[algorithm]
+        # ``native=False`` forces the Python loop (tests compare the two forms).
+        self._native = _NATIVE_CHAINS.for_algorithm(algorithm) if native else None
         self._header = _length_prefixed(
             _SCHEME,
             algorithm.encode(),
@@ -151,6 +233,11 @@ class BlockHasher:
     @property
     def block_size(self) -> int:
         return self._block_size
+
+    @property
+    def is_native(self) -> bool:
+        """Whether chains are computed by the native extension (else by the Python loop)."""
+        return self._native is not None
 
     def __repr__(self) -> str:
         return (
@@ -189,9 +276,12 @@ class BlockHasher:
         num_blocks = array.size // self._block_size
         if num_blocks == 0:
             return np.empty(0, dtype=BLOCK_HASH_DTYPE)
+        width = 4 * self._block_size
+        if self._native is not None:
+            whole = array[: num_blocks * self._block_size]
+            return np.frombuffer(self._native(start, whole, width), dtype=BLOCK_HASH_DTYPE)
         # One vectorised pass turns every block into a bytes object (a V{4B} view), so the
         # sequential loop below is a single C call per block on ready-made inputs.
-        width = 4 * self._block_size
         blocks = (
             array[: num_blocks * self._block_size].view(np.dtype(f"V{width}")).tolist()
         )

@@ -374,9 +374,14 @@ def test_dockerfile_copies_every_package_and_installs_with_constraints() -> None
             before = {c.rstrip("/") for c in copied}
             packages = _top_level_packages()
             assert packages == ["kvcluster", "routing", "tiers"]
-            for needed in ("pyproject.toml", "constraints.txt", "README.md", *packages):
+            for needed in ("pyproject.toml", "setup.py", "constraints.txt", "README.md", *packages):
                 assert needed in before, f"{needed} is copied after (or never before) pip install"
     assert install_at is not None, "the Dockerfile never runs pip install -e"
+    compiler_at = next(
+        (i for i, (keyword, rest) in enumerate(instructions) if keyword == "RUN" and re.search(r"apt-get install .*\bgcc\b", rest)),
+        None,
+    )
+    assert compiler_at is not None and compiler_at < install_at, "no C compiler for the native accelerators before pip install"
     sources = {c.rstrip("/") for c in copied}
     # The compose commands run configs, examples and tests from the image.
     for needed in ("configs", "examples", "tests"):

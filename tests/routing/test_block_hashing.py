@@ -16,6 +16,7 @@ from kvcluster.errors import InvalidArgument, InvalidTokens
 from routing.block_hashing import (
     BLOCK_HASH_DTYPE,
     BlockHasher,
+    _NativeChains,
     as_block_hashes,
     as_token_array,
     block_hash_list,
@@ -61,9 +62,10 @@ def _spec_chain(algorithm: str, block_size: int, salt: bytes, fingerprint: str,
     return out
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
-def test_fixed_vectors(algorithm: str) -> None:
-    hasher = BlockHasher(algorithm, 4, b"cluster-salt", "llama-fp")  # type: ignore[arg-type]
+def test_fixed_vectors(algorithm: str, native: bool) -> None:
+    hasher = BlockHasher(algorithm, 4, b"cluster-salt", "llama-fp", native=native)  # type: ignore[arg-type]
     root, keys = VECTORS[algorithm]
     assert hasher.root("tenant-a").hex() == root
     chain = hasher.hash_chain(list(range(10)), "tenant-a")
@@ -71,14 +73,43 @@ def test_fixed_vectors(algorithm: str) -> None:
     assert [k.hex() for k in block_hash_list(chain)] == keys
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+@pytest.mark.parametrize("block_size", [1, 16, 33, 256])  # XXH3's short, mid and long inputs
 @pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
-def test_matches_written_out_specification(algorithm: str) -> None:
+def test_matches_written_out_specification(algorithm: str, block_size: int, native: bool) -> None:
     rng = np.random.default_rng(7)
-    tokens = rng.integers(0, 2**31 - 1, 16 * 37 + 5).tolist()
-    hasher = BlockHasher(algorithm, 16, b"s", "fp")  # type: ignore[arg-type]
-    expected = _spec_chain(algorithm, 16, b"s", "fp", "ns", tokens)
+    tokens = rng.integers(0, 2**31 - 1, block_size * 37 + 5).tolist()
+    hasher = BlockHasher(algorithm, block_size, b"s", "fp", native=native)  # type: ignore[arg-type]
+    expected = _spec_chain(algorithm, block_size, b"s", "fp", "ns", tokens)
     assert block_hash_list(hasher.hash_chain(tokens, "ns")) == expected
     assert block_hash_list(hasher.hash_chain_reference(np.asarray(tokens), "ns")) == expected
+    parent = expected[9]
+    assert block_hash_list(hasher.extend_chain(parent, tokens[10 * block_size :], "ns")) == expected[10:]
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_native_extension_is_used_when_built(algorithm: str) -> None:
+    """The extension is built by every install with a C compiler (this test suite's), and
+    binds both digests; a hasher falls back to Python only when asked."""
+    pytest.importorskip("routing._chainhash")
+    assert BlockHasher(algorithm, 16).is_native  # type: ignore[arg-type]
+    assert not BlockHasher(algorithm, 16, native=False).is_native  # type: ignore[arg-type]
+
+
+def test_native_chain_that_disagrees_is_not_used() -> None:
+    def python_chain(start: bytes, blocks: bytes, width: int) -> bytes:
+        key, out = start, []
+        for i in range(len(blocks) // width):
+            key = xxhash.xxh3_128_digest(key + blocks[i * width : (i + 1) * width])
+            out.append(key)
+        return b"".join(out)
+
+    def shifted_chain(start: bytes, blocks: bytes, width: int) -> bytes:
+        return (start + python_chain(start, blocks, width))[: len(blocks) // width * 16]
+
+    assert _NativeChains._agrees("xxh3_128", python_chain)
+    assert not _NativeChains._agrees("xxh3_128", shifted_chain)
+    assert not _NativeChains._agrees("sha256", python_chain)
 
 
 def test_stable_across_processes() -> None:
