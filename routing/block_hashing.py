@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import threading
 from collections.abc import Callable, Sequence
-from typing import Literal, NewType, cast
+from typing import Any, Literal, NewType, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -78,6 +79,10 @@ def _sha256_128(data: bytes) -> bytes:
 _DIGESTS: dict[str, Callable[[bytes], bytes]] = {"xxh3_128": _xxh3_128, "sha256": _sha256_128}
 
 
+NativeChain = Callable[[bytes, Any, int], bytes]
+"""``chain(start, blocks, width) -> keys``: ``blocks`` is any contiguous buffer of whole blocks."""
+
+
 class _NativeChains:
     """The native chain functions, bound once per process on first use (see module docstring).
 
@@ -89,28 +94,29 @@ class _NativeChains:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bound: dict[str, Callable[[bytes, bytes, int], bytes] | None] | None = None
+        self._bound: dict[str, NativeChain | None] | None = None
 
-    def for_algorithm(self, algorithm: str) -> Callable[[bytes, bytes, int], bytes] | None:
+    def for_algorithm(self, algorithm: str) -> NativeChain | None:
         if self._bound is None:
             with self._lock:
                 if self._bound is None:
                     self._bound = self._bind()
         return self._bound.get(algorithm)
 
-    def _bind(self) -> dict[str, Callable[[bytes, bytes, int], bytes] | None]:
+    def _bind(self) -> dict[str, NativeChain | None]:
         try:
             from routing import _chainhash  # type: ignore[attr-defined]
         except ImportError:
             return {}
-        libraries = {"xxh3_128": (_chainhash.bind_xxh3_128, xxhash._xxhash.__file__)}
+        xxhash_library = importlib.import_module("xxhash._xxhash").__file__
+        libraries = {"xxh3_128": (_chainhash.bind_xxh3_128, xxhash_library)}
         try:
             import _hashlib  # the OpenSSL binding behind hashlib.sha256
 
             libraries["sha256"] = (_chainhash.bind_sha256, _hashlib.__file__)
         except (ImportError, AttributeError):
             pass
-        bound: dict[str, Callable[[bytes, bytes, int], bytes] | None] = {}
+        bound: dict[str, NativeChain | None] = {}
         for algorithm, (bind, path) in libraries.items():
             try:
                 bind(path)
@@ -122,7 +128,7 @@ class _NativeChains:
         return bound
 
     @staticmethod
-    def _agrees(algorithm: str, native: Callable[[bytes, bytes, int], bytes]) -> bool:
+    def _agrees(algorithm: str, native: NativeChain) -> bool:
         digest = _DIGESTS[algorithm]
         start = bytes(range(BLOCK_HASH_BYTES))
         for width in (4, 64, 68, 128, 1024):  # short, medium and long XXH3 input paths
