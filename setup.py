@@ -9,5 +9,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("routing._chainhash", ["routing/_chainhash.c"], libraries=["dl"], optional=True),
+        Extension("kvcluster.core._radixwalk", ["kvcluster/core/_radixwalk.c"], optional=True),
     ]
 )

@@ -49,7 +49,6 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -69,15 +68,19 @@ from kvcluster.core.prefix_records import (
 )
 from kvcluster.core.radix_node import ID_BYTES, LEAF_CHILDREN, RadixNode, ids_from_bytes
 from kvcluster.core.radix_walk import (
+    Descend,
+    WalkBatch,
     block_at,
     byte_bounds,
     common_prefix,
     descend,
     join_ids,
+    native_walk,
     packed_bounds,
     shared_boundary_blocks,
     token_arrays,
     validated_items,
+    walk_batch,
 )
 from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array, check_token_range
 from kvcluster.errors import InvalidArgument, LeaseError
@@ -116,6 +119,7 @@ class PrefixIndex(PinsMixin):
         memory_budget_bytes: int | None = None,
         on_evict: EvictionListener | None = None,
         vocab_size: int | None = None,
+        native: bool = True,
     ) -> None:
         if not isinstance(pool, BlockPool):
             raise InvalidArgument(f"pool must be a BlockPool, got {type(pool).__name__}")
@@ -148,6 +152,10 @@ class PrefixIndex(PinsMixin):
         self._memory_budget = memory_budget_bytes
         self._on_evict = on_evict
         self._vocab = vocab_size
+        # The native walks when built (``native=False`` forces the Python ones; tests run both).
+        use_native = native and native_walk is not None
+        self._descend: Descend = native_walk.descend if use_native else descend
+        self._walk_batch: WalkBatch = native_walk.walk_batch if use_native else walk_batch
 
         self._roots: dict[str, RadixNode] = {}
         self._nodes = 0  # non-root nodes in every tree
@@ -212,7 +220,7 @@ class PrefixIndex(PinsMixin):
         if root is None:
             node, pos = None, 0
         else:
-            node, pos = descend(root, query)
+            node, pos = self._descend(root, query, 0, len(query))
         matched = pos >> 3
         if matched < self._min_prefix:
             matched = pos = 0
@@ -237,7 +245,8 @@ class PrefixIndex(PinsMixin):
         root = self._roots.get(namespace)
         if root is None:
             return 0
-        matched = descend(root, array.tobytes())[1] >> 3
+        query = array.tobytes()
+        matched = self._descend(root, query, 0, len(query))[1] >> 3
         return matched if matched >= self._min_prefix else 0
 
     def lookup_many(self, prompts: Iterable[TokenInput], namespace: str = "default") -> MatchBatch:
@@ -274,43 +283,12 @@ class PrefixIndex(PinsMixin):
             self._lookup_tokens += len(buffer) >> 3
             return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count)
         shortest = max(self._min_prefix, 1) * ID_BYTES  # a hit matches at least this much
-        positions: list[int] = []  # where each match ends (its start for a miss)
-        nodes: list[RadixNode | None] = []
-        add_position = positions.append
-        add_node = nodes.append
-        startswith = buffer.startswith
-        start = 0
-        for end in bounds[1:]:
-            # _descend, inlined: this loop is the hot path of batched lookups.
-            node = root
-            pos = start
-            while True:
-                child = node.children.get(buffer[pos : pos + 8])  # ID_BYTES
-                if child is None:
-                    break
-                key = child.key
-                if startswith(key, pos, end):
-                    pos += len(key)
-                    node = child
-                    if pos < end:
-                        continue
-                    break
-                pos += common_prefix(key, buffer, pos, end)
-                node = child
-                break
-            if pos - start < shortest:
-                add_position(start)
-                add_node(None)
-            else:
-                add_position(pos)
-                add_node(node)
-            start = end
-        hit_nodes = cast("list[RadixNode]", list(filter(None, nodes)))  # a node is never falsy
+        positions, nodes, hit_nodes, hit_bytes = self._walk_batch(root, buffer, bounds, shortest)
         hits = len(hit_nodes)
         self._policy.touch_many(hit_nodes, self._clock())  # in order, as one call
         self._hits += hits
         self._misses += count - hits
-        self._hit_tokens += (sum(positions) - sum(bounds) + bounds[-1]) >> 3  # a miss adds 0
+        self._hit_tokens += hit_bytes >> 3
         self._lookup_tokens += len(buffer) >> 3
         return MatchBatch(namespace, self._bs, buffer, bounds, positions, nodes)
 
@@ -346,7 +324,7 @@ class PrefixIndex(PinsMixin):
         if root is None:
             return False
         matched = match.matched_tokens * ID_BYTES
-        node, pos = descend(root, match.prompt_bytes, 0, matched)
+        node, pos = self._descend(root, match.prompt_bytes, 0, matched)
         return pos == matched and node.path_blocks.startswith(match.block_bytes)
 
     def release(self, lease: Lease) -> None:

@@ -10,7 +10,7 @@ one C call and walked with offsets, so a batch costs no per-prompt copies.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import attrgetter, itemgetter
 from typing import Any, cast
 
@@ -20,6 +20,11 @@ import numpy.typing as npt
 from kvcluster.core.radix_node import ID_BYTES, RadixNode
 from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array
 from kvcluster.errors import InvalidArgument
+
+try:  # the optional native walk (kvcluster/core/_radixwalk.c), built by installs with a compiler
+    from kvcluster.core import _radixwalk as native_walk  # type: ignore[attr-defined]
+except ImportError:  # the Python walks below compute the same results
+    native_walk = None
 
 Int64Array = npt.NDArray[np.int64]
 
@@ -57,6 +62,12 @@ def common_prefix(key: bytes, query: bytes, pos: int, end: int) -> int:
     return (first if differs[first] else limit) * ID_BYTES
 
 
+Descend = Callable[[RadixNode, bytes, int, int], tuple[RadixNode, int]]
+"""``descend(root, query, pos, end)``: the Python :func:`descend` or the native one."""
+WalkBatch = Callable[[RadixNode, bytes, list[int], int], tuple[list[int], list[RadixNode | None], list[RadixNode], int]]
+"""``walk_batch(root, buffer, bounds, shortest)``: the Python :func:`walk_batch` or the native one."""
+
+
 def descend(root: RadixNode, query: bytes, pos: int = 0, end: int | None = None) -> tuple[RadixNode, int]:
     """Walk ``query[pos:end]`` (int64 bytes) down from ``root``.
 
@@ -78,6 +89,47 @@ def descend(root: RadixNode, query: bytes, pos: int = 0, end: int | None = None)
             continue
         return child, pos + common_prefix(key, query, pos, end)
     return node, pos
+
+
+def walk_batch(
+    root: RadixNode, buffer: bytes, bounds: list[int], shortest: int
+) -> tuple[list[int], list[RadixNode | None], list[RadixNode], int]:
+    """The Python form of ``_radixwalk.walk_batch``: where each match ends (its start for
+    a miss), its node (None for a miss), the hit nodes in order, and the bytes matched."""
+    positions: list[int] = []  # where each match ends (its start for a miss)
+    nodes: list[RadixNode | None] = []
+    add_position = positions.append
+    add_node = nodes.append
+    startswith = buffer.startswith
+    start = 0
+    for end in bounds[1:]:
+        # _descend, inlined: this loop is the hot path of batched lookups.
+        node = root
+        pos = start
+        while True:
+            child = node.children.get(buffer[pos : pos + 8])  # ID_BYTES
+            if child is None:
+                break
+            key = child.key
+            if startswith(key, pos, end):
+                pos += len(key)
+                node = child
+                if pos < end:
+                    continue
+                break
+            pos += common_prefix(key, buffer, pos, end)
+            node = child
+            break
+        if pos - start < shortest:
+            add_position(start)
+            add_node(None)
+        else:
+            add_position(pos)
+            add_node(node)
+        start = end
+    hit_nodes = cast("list[RadixNode]", list(filter(None, nodes)))  # a node is never falsy
+    hit_bytes = sum(positions) - sum(bounds) + bounds[-1]  # a miss adds 0
+    return positions, nodes, hit_nodes, hit_bytes
 
 
 def plain_sizes(arrays: list[Any]) -> list[int] | None:

@@ -64,14 +64,14 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class PrefixCacheMachine(RuleBasedStateMachine):
-    @initialize(policy=st.sampled_from(["lru", "lfu", "lru+ttl", "lfu+ttl"]))
-    def build(self, policy: str) -> None:
+    @initialize(policy=st.sampled_from(["lru", "lfu", "lru+ttl", "lfu+ttl"]), native=st.booleans())
+    def build(self, policy: str, native: bool) -> None:
         self.clock = FakeClock()
         self.engine = PagedKVEngine(SPEC, block_size=BLOCK, num_blocks=BLOCKS, max_context=MAX_CONTEXT)
         ttl = 5.0 if "ttl" in policy else None
         self.index = PrefixIndex(
             self.engine.pool, BLOCK, policy=make_policy(policy, ttl_s=ttl, clock=self.clock),
-            clock=self.clock, pin_budget_fraction=0.3,
+            clock=self.clock, pin_budget_fraction=0.3, native=native,
         )
         self.engine.set_reclaimer(self.index.evict)
         self.engine.set_reclaimable(self.index.reclaimable_blocks)
