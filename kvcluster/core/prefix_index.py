@@ -69,11 +69,11 @@ from kvcluster.core.prefix_records import (
 from kvcluster.core.radix_node import ID_BYTES, LEAF_CHILDREN, RadixNode, ids_from_bytes
 from kvcluster.core.radix_walk import (
     Descend,
+    InsertWalk,
     WalkBatch,
-    block_at,
     byte_bounds,
-    common_prefix,
     descend,
+    insert_walk,
     join_ids,
     native_walk,
     packed_bounds,
@@ -156,6 +156,7 @@ class PrefixIndex(PinsMixin):
         use_native = native and native_walk is not None
         self._descend: Descend = native_walk.descend if use_native else descend
         self._walk_batch: WalkBatch = native_walk.walk_batch if use_native else walk_batch
+        self._insert_walk: InsertWalk = native_walk.insert_walk if use_native else insert_walk
 
         self._roots: dict[str, RadixNode] = {}
         self._nodes = 0  # non-root nodes in every tree
@@ -472,14 +473,6 @@ class PrefixIndex(PinsMixin):
             root = RadixNode(b"", 0, None, b"", namespace, 0, now)
             root.terminal = False
             self._roots[namespace] = root
-        leaves: list[RadixNode] = []  # new leaves, in order
-        adopted: list[bytes] = []  # each new leaf's blocks (int64 bytes), same order
-        uppers: list[RadixNode] = []  # upper halves of split edges
-        straddles: list[int] = []
-        pinned_straddles: list[int] = []
-        present: list[tuple[int, RadixNode]] = []  # (leaves before it, node) of cached items
-        marked: list[RadixNode] = []  # existing nodes that became the end of a sequence
-        new_bytes = splits = skipped = 0
         shortest = self._min_prefix * ID_BYTES
         first_id = next_id = self._next_node_id
         if len(sizes) == 1:
@@ -490,79 +483,16 @@ class PrefixIndex(PinsMixin):
             size_array = np.asarray(sizes, dtype=np.int64)
             bounds = byte_bounds(size_array)
             block_bounds = byte_bounds(-(-size_array // bs))
-        startswith = tokens.startswith
-        new_node = object.__new__
-        add_leaf = leaves.append
-        add_own = adopted.append
-        for start, end, block_start, block_end in zip(bounds, bounds[1:], block_bounds, block_bounds[1:]):
-            if end - start < shortest:
-                skipped += 1
-                continue
-            # _descend, inlined (no tuple per item: this loop is the hot path of inserts).
-            node = root
-            pos = start
-            while True:
-                first = tokens[pos : pos + 8]  # ID_BYTES
-                child = node.children.get(first)
-                if child is None:
-                    break
-                key = child.key
-                if startswith(key, pos, end):
-                    pos += len(key)
-                    node = child
-                    if pos < end:
-                        continue
-                    break
-                pos += common_prefix(key, tokens, pos, end)
-                node = child
-                first = tokens[pos : pos + 8]
-                break
-            depth = (pos - start) >> 3
-            if depth < node.end:  # the walk stopped inside node's edge: split it there
-                splits += 1
-                self._next_node_id = next_id
-                parent = self._split(node, depth, now, track=False)
-                next_id = self._next_node_id
-                uppers.append(parent)
-                if depth % bs:
-                    block = block_at(node.path_blocks, depth // bs)
-                    straddles.append(block)
-                    if node.pin_count:
-                        pinned_straddles.append(block)
-            else:
-                parent = node
-            if pos == end:  # already cached: keep its blocks, mark where this sequence ends
-                if not parent.terminal:
-                    parent.terminal = True
-                    marked.append(parent)
-                present.append((len(leaves), parent))
-                continue
-            low = (depth // bs) * 8  # ID_BYTES
-            own = blocks[block_start + low : block_end]
-            # RadixNode(tokens[pos:end], depth, parent, path, namespace, next_id, now), spelled
-            # out to skip the class call's own cost (about 5% of a batch insert).
-            leaf = new_node(RadixNode)
-            leaf.key = tokens[pos:end]
-            leaf.start = depth
-            leaf.end = (end - start) >> 3
-            leaf.parent = parent
-            leaf.children = LEAF_CHILDREN
-            leaf.path_blocks = parent.path_blocks[:low] + own
-            leaf.namespace = namespace
-            leaf.node_id = next_id
-            leaf.last_access = now
-            leaf.freq = 0
-            leaf.pin_count = 0
-            leaf.terminal = True
-            children = parent.children
-            if children:
-                children[first] = leaf
-            else:  # a leaf's children are a shared read-only empty mapping (see RadixNode)
-                parent.children = {first: leaf}
-            next_id += 1
-            add_leaf(leaf)
-            add_own(own)
-            new_bytes += end - pos
+
+        def split_at(node: RadixNode, depth: int, node_id: int) -> RadixNode:
+            self._next_node_id = node_id
+            return self._split(node, depth, now, track=False)
+
+        (leaves, adopted, uppers, straddles, pinned_straddles, present, marked,
+         new_bytes, splits, skipped, next_id) = self._insert_walk(
+            root, tokens, blocks, bounds, block_bounds, shortest, bs, next_id, now,
+            namespace, RadixNode, LEAF_CHILDREN, split_at,
+        )
         self._next_node_id = next_id
 
         new_ids = ids_from_bytes(b"".join(adopted)) if adopted else np.empty(0, dtype=np.int64)

@@ -3,8 +3,6 @@ orders and bad input (each leaving the state exactly as it was)."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -614,49 +612,3 @@ def test_a_trusted_insert_builds_the_same_tree_and_keeps_the_tree_checks() -> No
     trusted.check_invariants()
     assert trusted.peek(np.arange(200, 232)) == 0
 
-
-# --- the native walk against the Python one ------------------------------------------------------
-
-
-def test_native_walks_equal_python_walks_on_random_trees() -> None:
-    native = radix_walk.native_walk
-    if native is None:
-        pytest.skip("the native radix walk extension is not built")
-    rng = np.random.default_rng(11)
-    for trial in range(20):
-        alphabet = int(rng.integers(2, 6))  # few distinct ids: many shared prefixes and splits
-        stored = [rng.integers(0, alphabet, int(rng.integers(1, 40))) for _ in range(60)]
-        pool = BlockPool(60 * 10)
-        index = PrefixIndex(pool, 4, native=False)
-        index.insert_many([(p, pool.allocate(-(-p.size // 4))) for p in stored])
-        root = index._roots["default"]
-        queries = [rng.integers(0, alphabet, int(rng.integers(1, 50))) for _ in range(200)]
-        buffer = b"".join(q.astype(np.int64).tobytes() for q in queries)
-        bounds = np.concatenate([[0], np.cumsum([q.size * 8 for q in queries])]).tolist()
-        for shortest in (8, 24):
-            got = native.walk_batch(root, buffer, bounds, shortest)
-            want = radix_walk.walk_batch(root, buffer, bounds, shortest)
-            assert got[0] == want[0], trial
-            assert [id(n) for n in got[1]] == [id(n) for n in want[1]], trial
-            assert [id(n) for n in got[2]] == [id(n) for n in want[2]], trial
-            assert got[3] == want[3], trial
-        for start, end in itertools.pairwise(bounds):
-            got_node, got_pos = native.descend(root, buffer, start, end)
-            want_node, want_pos = radix_walk.descend(root, buffer, start, end)
-            assert (got_node is want_node, got_pos) == (True, want_pos)
-
-
-def test_native_walk_rejects_bounds_outside_the_buffer() -> None:
-    native = radix_walk.native_walk
-    if native is None:
-        pytest.skip("the native radix walk extension is not built")
-    cache = make_cache()
-    cache.store(range(8))
-    root = cache.index._roots["default"]
-    buffer = np.arange(8, dtype=np.int64).tobytes()
-    with pytest.raises(ValueError, match="prompt 0 spans bytes"):
-        native.walk_batch(root, buffer, [0, 72], 8)
-    with pytest.raises(ValueError, match="prompt 1 spans bytes"):
-        native.walk_batch(root, buffer, [0, 32, 36], 8)
-    with pytest.raises(ValueError, match="not whole ids"):
-        native.descend(root, buffer, 0, 12)
