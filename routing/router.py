@@ -249,13 +249,15 @@ class Router:
 
     def _effective_inflight(self, live: dict[str, NodeInfo]) -> dict[str, int]:
         now = self._clock()
+        beats = self._beat_at
+        since = self._routed_since
         out = {}
         for node_id, info in live.items():
             beat_at = now - info.heartbeat_age_s
-            if beat_at > self._beat_at.get(node_id, -math.inf) + 1e-6:
-                self._beat_at[node_id] = beat_at
-                self._routed_since[node_id] = 0
-            out[node_id] = info.load.inflight_requests + self._routed_since.get(node_id, 0)
+            if beat_at > beats.get(node_id, -math.inf) + 1e-6:
+                beats[node_id] = beat_at
+                since[node_id] = 0
+            out[node_id] = info.load.inflight_requests + since.get(node_id, 0)
         return out
 
     def _score(
@@ -272,9 +274,13 @@ class Router:
         cap = math.ceil(config.imbalance_threshold * (total + 1) / len(live))
         prompt_blocks = max(1, int(hashes.size))
         w_gpu, w_cpu, w_nvme = self._weights
+        load_penalty = config.load_weight / (mean + 1)
+        free_weight = config.free_blocks_weight
         scores: dict[str, float] = {}
         eligible: dict[str, float] = {}
         best_holder, best_weighted = None, 0.0
+        # score = affinity - load_weight * inflight / (mean + 1) + free_weight * free_fraction,
+        # spelled out per node: this loop is most of the router's own time.
         for node_id, info in live.items():
             holding = holdings.get(node_id)
             weighted = 0.0
@@ -283,13 +289,13 @@ class Router:
                             + w_nvme * holding.nvme_blocks)
                 if weighted > best_weighted:
                     best_holder, best_weighted = node_id, weighted
-            score = (
-                weighted / prompt_blocks
-                - config.load_weight * inflight[node_id] / (mean + 1)
-                + config.free_blocks_weight * info.load.free_fraction
-            )
+            load = info.load
+            total_blocks = load.total_blocks
+            free_fraction = min(1.0, load.free_blocks / total_blocks) if total_blocks else 1.0
+            in_flight = inflight[node_id]
+            score = weighted / prompt_blocks - load_penalty * in_flight + free_weight * free_fraction
             scores[node_id] = score
-            if inflight[node_id] + 1 <= cap:
+            if in_flight < cap:  # taking this request keeps it within the cap
                 eligible[node_id] = score
         if not eligible:  # every node at the cap (possible only with threshold < 1 rounding)
             eligible = dict(scores)
