@@ -104,26 +104,29 @@ def bench_route(client: KVClient, config: KVClusterConfig, redis_url: str, itera
 def bench_migration(client: KVClient, config: KVClusterConfig, repeats: int) -> list[Row]:
     """Pull 32K-token prefixes node to node, each timed against a raw transfer of its bytes.
 
-    Each pull is classed by whether the target had the free blocks for it (the transfer
-    alone) or first had to evict as many cached blocks (and queue their pages for its spill
-    tier). Between measurements the target's spill writer is drained, so neither figure
-    inherits the other's background work.
+    The pulls alternate between the two other nodes as targets (twice the free blocks, so
+    more of them land in free blocks), and each is followed by a raw transfer between the
+    same two nodes. Each pull is classed by whether the target had the free blocks for it
+    (the transfer alone) or first had to evict as many cached blocks (and queue their pages
+    for its spill tier). Between measurements the target's spill writer is drained, so
+    neither figure inherits the other's background work.
     """
     kv_model = SyntheticKV(config.model, seed=1)
-    stats = client.node_stats()
     source = client.nodes[0]
-    target = max(client.nodes[1:], key=lambda node: stats[node].blocks_free)
+    targets = client.nodes[1:]
     nodes = {n["NodeID"][:12]: n["NodeID"] for n in alive_ray_nodes()}
     src_peer = _pinned_peer(nodes[source.removeprefix("node-")])
-    dst_peer = _pinned_peer(nodes[target.removeprefix("node-")])
-    target_handle = client.node_handle(target)
+    dst_peers = {target: _pinned_peer(nodes[target.removeprefix("node-")]) for target in targets}
     rng = np.random.default_rng(1)
     into_free: list[float] = []
     into_full: list[float] = []
     raw: list[float] = []
     nbytes = 0
     blocks = 32768 // config.cache.block_size
-    for i in range(-1, repeats):  # round -1 warms both ends up (first touch of their object stores)
+    # Rounds below 0 warm every end up (first touch of their object stores).
+    for i in range(-len(targets), repeats):
+        target = targets[i % len(targets)]
+        target_handle = client.node_handle(target)
         prompt = rng.integers(0, config.model.vocab_size, 32768)
         kv = kv_model.kv(prompt)
         nbytes = kv.numel() * kv.element_size()
@@ -137,7 +140,7 @@ def bench_migration(client: KVClient, config: KVClusterConfig, repeats: int) -> 
         target_handle.call("drain_spills")
         start = time.perf_counter()
         ref = src_peer.make.remote(nbytes)  # put on the source node, get on the target node
-        ray.get(dst_peer.take.remote([ref]))
+        ray.get(dst_peers[target].take.remote([ref]))
         if i >= 0:
             raw.append(time.perf_counter() - start)
         del ref, i  # let Ray free the 16 MiB object before the next round
@@ -229,7 +232,7 @@ def run(quick: bool = False) -> list[Row]:
             # Throughput before migration: the migration phase leaves 16 MiB objects in the
             # small object stores of the simulated nodes, which would slow every later fetch.
             rows += bench_throughput(client, config, 5 if quick else 20)
-            rows += bench_migration(client, config, 3 if quick else 7)
+            rows += bench_migration(client, config, 4 if quick else 12)
         return rows
     finally:
         server.stop()

@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from kvcluster.block_keys import TIERS_BY_NAME, BlockKey, BlockKeyTable, coalesced_events
 from kvcluster.config import KVClusterConfig
 from kvcluster.core.eviction import make_policy
 from kvcluster.core.kv_engine import PagedKVEngine
@@ -51,9 +52,6 @@ logger = logging.getLogger(__name__)
 TokenArray = npt.NDArray[np.int64]
 
 
-_TIERS = {"gpu": Tier.GPU, "cpu": Tier.CPU, "nvme": Tier.NVME}
-
-
 @dataclass(slots=True)
 class _LeaseHold:
     """What one lease pins: the device blocks of the index match and the spilled pages.
@@ -71,57 +69,12 @@ class _LeaseHold:
     matched_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class _BlockKey:
-    """A full cached block's place in the registry: chain hash, family and depth."""
-
-    block_hash: bytes
-    family: bytes
-    position: int
-    namespace: str
-
-    def event(self, tier: str | None) -> BlockEvent:
-        """The block moved to ``tier`` (a spill tier's name), or removed when ``None``."""
-        return _run_event([self], tier)
-
-
-def _run_event(run: list[_BlockKey], tier: str | None) -> BlockEvent:
-    """One event for a run of blocks of one chain at consecutive depths, all moved to
-    ``tier`` (or removed when ``None``)."""
-    first = run[0]
-    hashes = [key.block_hash for key in run]
-    if tier is None:
-        return BlockEvent.removed(hashes, first_position=first.position, family=first.family,
-                                  namespace=first.namespace)
-    return BlockEvent.moved(hashes, _TIERS[tier], first_position=first.position,
-                            family=first.family, namespace=first.namespace)
-
-
-def _coalesced_events(keys: list[_BlockKey], tiers: list[str | None]) -> list[BlockEvent]:
-    """Events for ``keys[i]`` moved to ``tiers[i]``: one per run of consecutive depths of one
-    chain with one outcome (an evicted prefix is one run), instead of one per block."""
-    events: list[BlockEvent] = []
-    run: list[_BlockKey] = []
-    run_tier: str | None = None
-    for key, tier in zip(keys, tiers, strict=True):
-        if run and (tier != run_tier or key.family != run[-1].family or key.namespace != run[-1].namespace
-                    or key.position != run[-1].position + 1):
-            events.append(_run_event(run, run_tier))
-            run = []
-        if not run:
-            run_tier = tier
-        run.append(key)
-    if run:
-        events.append(_run_event(run, run_tier))
-    return events
-
-
 @dataclass(slots=True)
 class _PendingSpills:
     """Evicted blocks' pages, copied out of the pool, waiting to be written to the tiers:
     ``pages[i]`` (a row of one ``[n, page_bytes]`` uint8 tensor) belongs to ``keys[i]``."""
 
-    keys: list[_BlockKey]
+    keys: list[BlockKey]
     token_bytes: list[bytes]
     pages: torch.Tensor
 
@@ -189,10 +142,10 @@ class NodeEngine:
         )
         # Full device blocks and the chain hash of the prefix they end, so an evicted block
         # can be demoted (or unregistered) under the key the registry knows it by.
-        self._block_keys: dict[int, _BlockKey] = {}
+        self._block_keys = BlockKeyTable(self._engine.pool.num_blocks)
         self._pending_spills: list[_PendingSpills] = []
         # (key, token bytes, block id) of evicted blocks whose pages are not copied out yet
-        self._evicted_pages: list[tuple[_BlockKey, bytes, int]] = []
+        self._evicted_pages: list[tuple[BlockKey, bytes, int]] = []
         # One thread, so spills are written in eviction order and drain_spills() is a barrier.
         self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
@@ -388,10 +341,9 @@ class NodeEngine:
         if hashes.size == 0:
             return 0
         family = hashes[0].tobytes()
-        held = self._engine.pool.ref_counts(block_table[: hashes.size]) > 0
-        for position, (block_id, block_hash) in enumerate(zip(block_table.tolist(), hashes.tolist(), strict=False)):
-            if held[position]:
-                self._block_keys[block_id] = _BlockKey(block_hash, family, position, namespace)
+        blocks = block_table[: hashes.size]
+        held = self._engine.pool.ref_counts(blocks) > 0
+        self._block_keys.assign(blocks[held], hashes[held], np.flatnonzero(held), family, namespace)
         self._publisher.add(BlockEvent.stored(hashes, Tier.GPU, namespace=namespace))
         return int(hashes.size)
 
@@ -404,7 +356,7 @@ class NodeEngine:
         writes wait for :meth:`_finish`, after the lock is released, so an eviction of a long
         prefix never stalls the node's other calls.
         """
-        key = self._block_keys.pop(evicted.block_id, None)
+        key = self._block_keys.pop(evicted.block_id)
         if key is None:
             return  # a partial block: never registered, nothing to keep
         if self._spill is not None and evicted.end - evicted.start == self._block_size:
@@ -452,7 +404,7 @@ class NodeEngine:
             requests = [SpillRequest(key.block_hash, key.namespace, tokens, key.family, key.position)
                         for key, tokens in zip(batch.keys, batch.token_bytes, strict=True)]
             tiers = self._spill.spill_many(requests, batch.pages)
-            for event in _coalesced_events(batch.keys, tiers):
+            for event in coalesced_events(batch.keys, tiers):
                 self._publisher.add(event)
         self._publisher.flush()
 
@@ -517,12 +469,12 @@ class NodeEngine:
     def _all_held_blocks(self) -> list[BlockEvent]:
         """Stored events for every block held, for a re-announce after a registry restart."""
         with self._lock:
-            device = list(self._block_keys.values())
-        held: list[tuple[_BlockKey, Tier]] = [(key, Tier.GPU) for key in device]
+            device = self._block_keys.held()
+        held: list[tuple[BlockKey, Tier]] = [(key, Tier.GPU) for key in device]
         if self._spill is not None:
             for record in self._spill.held():
-                held.append((_BlockKey(record.block_hash, record.family, record.position,
-                                       record.namespace), _TIERS[record.tier]))
+                held.append((BlockKey(record.block_hash, record.family, record.position,
+                                      record.namespace), TIERS_BY_NAME[record.tier]))
         return [
             BlockEvent.stored([key.block_hash], tier, first_position=key.position,
                               family=key.family, namespace=key.namespace)
