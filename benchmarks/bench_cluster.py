@@ -108,13 +108,14 @@ def bench_migration(client: KVClient, config: KVClusterConfig, repeats: int) -> 
     more of them land in free blocks), and each is followed by a raw transfer between the
     same two nodes. Each pull is classed by whether the target had the free blocks for it
     (the transfer alone) or first had to evict as many cached blocks (and queue their pages
-    for its spill tier). Between measurements the target's spill writer is drained, so
-    neither figure inherits the other's background work.
+    for its spill tier). Before each measurement the spill writers of both ends are drained,
+    so no figure inherits another's background work.
     """
     kv_model = SyntheticKV(config.model, seed=1)
     source = client.nodes[0]
     targets = client.nodes[1:]
     nodes = {n["NodeID"][:12]: n["NodeID"] for n in alive_ray_nodes()}
+    source_handle = client.node_handle(source)
     src_peer = _pinned_peer(nodes[source.removeprefix("node-")])
     dst_peers = {target: _pinned_peer(nodes[target.removeprefix("node-")]) for target in targets}
     rng = np.random.default_rng(1)
@@ -131,6 +132,10 @@ def bench_migration(client: KVClient, config: KVClusterConfig, repeats: int) -> 
         kv = kv_model.kv(prompt)
         nbytes = kv.numel() * kv.element_size()
         client.store(prompt, kv, node=source)
+        # The source fills up after a few rounds and then spills what the store evicted on
+        # its writer thread; the raw transfer below never competes with that, so neither
+        # does the pull.
+        source_handle.call("drain_spills")
         room = target_handle.call("stats").blocks_free >= blocks
         start = time.perf_counter()
         moved = client.migrate_prefix(prompt, "default", source=source, target=target)
