@@ -364,13 +364,19 @@ class KVClient:
 
         The pages travel through Ray's object store straight from source to target (the
         client passes a reference, never the bytes); the source's lookups are not blocked.
+        The source pins them with a lease until the target has them; the release is sent
+        without waiting for its answer.
         """
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         start = time.perf_counter()
         src, dst = self._nodes[source], self._nodes[target]
         wire = self._wire(namespace, token_ids)
-        pending = src.submit("export_prefix", *wire)
-        reply: StoreReply = dst.call("import_prefix", pending, *wire)
+        pages, lease = src.submit("export_pinned", *wire)
+        try:
+            reply: StoreReply = dst.call("import_prefix", pages, *wire)
+        finally:
+            with contextlib.suppress(NodeUnavailable):  # a dead source holds no lease
+                src.submit("release", lease)
         elapsed = time.perf_counter() - start
         self._planner.record_transfer(reply.new_tokens * self._spec.bytes_per_token, elapsed)
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)

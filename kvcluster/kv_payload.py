@@ -72,18 +72,41 @@ class KVPayload:
 class KVPages:
     """Whole KV pages in the cache's own page layout: what one node sends another.
 
-    ``data`` is ``(pages, page_bytes)`` uint8; page ``i`` holds tokens ``[i * block_size,
-    (i + 1) * block_size)`` of the prefix, laid out ``page_shape`` = ``(layers,
-    kv_components, block_size, kv_heads, head_dim)`` in ``dtype``, and only the first
-    ``num_tokens`` tokens are meaningful (the last page may be partial). Node-to-node pulls use
-    this form rather than :class:`KVPayload`: gathering and scattering whole pages is a
-    memcpy per page, while the token-major layout costs a strided transpose at each end.
+    The rows of ``segments`` (``(n_i, page_bytes)`` uint8 arrays), in order, are the pages:
+    page ``i`` holds tokens ``[i * block_size, (i + 1) * block_size)`` of the prefix, laid out
+    ``page_shape`` = ``(layers, kv_components, block_size, kv_heads, head_dim)`` in
+    ``dtype``, and only the first ``num_tokens`` tokens are meaningful (the last page may be
+    partial). Node-to-node pulls use this form rather than :class:`KVPayload`: whole pages
+    move as memcpys, while the token-major layout costs a strided transpose at each end. A
+    node exports its device pages as views of its pool, one segment per run of consecutive
+    blocks, so they reach the object store in one copy, with no gather first.
     """
 
-    data: np.ndarray
+    segments: tuple[np.ndarray, ...]
     dtype: str
     page_shape: tuple[int, ...]
     num_tokens: int
+
+    def rows(self) -> np.ndarray:
+        """Every page as one ``(pages, page_bytes)`` array: the only segment itself, or the
+        segments joined (a copy). :class:`InvalidKV` unless they are uint8 rows of one width."""
+        segments = self.segments
+        if not isinstance(segments, tuple) or not segments or not all(
+            isinstance(segment, np.ndarray) and segment.dtype == np.uint8 and segment.ndim == 2
+            for segment in segments
+        ):
+            raise InvalidKV("pages must be a non-empty tuple of 2-D uint8 arrays")
+        if len(segments) == 1:
+            return segments[0]
+        if len({segment.shape[1] for segment in segments}) != 1:
+            raise InvalidKV(f"page segments of different widths: {[s.shape for s in segments]}")
+        return np.concatenate(segments)
+
+    def copied(self) -> KVPages:
+        """The same pages in memory of their own (one segment), safe to keep."""
+        rows = self.rows()
+        return KVPages((rows.copy() if len(self.segments) == 1 else rows,), self.dtype,
+                       self.page_shape, self.num_tokens)
 
     def check_compatible(self, dtype: torch.dtype, page_shape: tuple[int, ...]) -> None:
         """:class:`InvalidKV` unless these pages have the receiving cache's dtype and shape."""
@@ -95,4 +118,4 @@ class KVPages:
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.size)
+        return sum(int(segment.nbytes) for segment in self.segments)

@@ -137,14 +137,14 @@ class InstrumentedNode:
         self.metrics.migrations.labels(node_id, "in").inc()
         return reply
 
-    def export_prefix(self, tokens: Any, namespace: str = "default") -> KVPages | None:
+    def export_pinned(self, tokens: Any, namespace: str = "default") -> tuple[KVPages | None, str | None]:
         start = time.perf_counter()
-        payload = self.node.export_prefix(tokens, namespace)
-        if payload is not None:
+        pages, lease_id = self.node.export_pinned(tokens, namespace)
+        if pages is not None:
             node_id = self.node.node_id
             self.metrics.migration_seconds.labels(node_id, "out").observe(time.perf_counter() - start)
             self.metrics.migrations.labels(node_id, "out").inc()
-        return payload
+        return pages, lease_id
 
     def stats(self) -> NodeStats:
         return self.node.stats()

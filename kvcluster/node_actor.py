@@ -77,8 +77,9 @@ class NodeActor:
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
         return self._node.store(tokens, payload, namespace, lease_id).to_wire()
 
-    def release(self, lease_id: str) -> bool:
-        return self._engine.release(lease_id)
+    def release(self, lease_id: str | None) -> bool:
+        """Release ``lease_id``; ``None`` (an export that found nothing) is a no-op."""
+        return lease_id is not None and self._engine.release(lease_id)
 
     def release_reply(self, reply: Any) -> bool:
         """Release the lease of a lookup whose answer the client did not use (a speculative
@@ -86,9 +87,16 @@ class NodeActor:
         lease_id = LookupReply.from_wire(reply).lease_id
         return lease_id is not None and self._engine.release(lease_id)
 
-    def export_prefix(self, *prompt_wire: bytes) -> KVPages | None:
+    @ray.method(num_returns=2)  # type: ignore[untyped-decorator]
+    def export_pinned(self, *prompt_wire: bytes) -> tuple[KVPages | None, str | None]:
+        """The pages of the longest prefix held and the lease that pins them, as two objects:
+        the caller hands the first to a peer's :meth:`import_prefix`, then releases the second.
+
+        Ray stores the pages after this returns, while the lease still pins them, so they go
+        into the object store in one copy straight from the pool (no gather first).
+        """
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
-        return self._node.export_prefix(tokens, namespace)
+        return self._node.export_pinned(tokens, namespace)
 
     def import_prefix(self, payload: KVPages | None, *prompt_wire: bytes) -> StoreReply:
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
@@ -114,3 +122,4 @@ class NodeActor:
     def shutdown(self) -> None:
         self._engine.shutdown()
         self._metrics.close()
+

@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 TokenArray = npt.NDArray[np.int64]
 
+#: Past this many runs of consecutive blocks, an export gathers its device pages into one
+#: array (a memcpy per page) rather than ship that many small buffers.
+_MAX_EXPORT_SEGMENTS = 64
+
 
 @dataclass(slots=True)
 class _LeaseHold:
@@ -416,27 +420,46 @@ class NodeEngine:
 
     def export_prefix(self, tokens: object, namespace: str = "default") -> KVPages | None:
         """The pages this node holds for the longest prefix of ``tokens`` (None: nothing), in
-        page layout for :meth:`import_prefix` on a peer. Device pages are gathered under the
-        lock (a memcpy per page); spilled pages are read after it, pinned by the lease."""
+        page layout for :meth:`import_prefix` on a peer, copied out: safe to keep."""
+        pages, lease_id = self.export_pinned(tokens, namespace)
+        try:
+            return None if pages is None else pages.copied()
+        finally:
+            if lease_id is not None:
+                self.release(lease_id)
+
+    def export_pinned(self, tokens: object, namespace: str = "default") -> tuple[KVPages | None, str | None]:
+        """The pages of the longest prefix of ``tokens`` this node holds, and the lease that
+        pins them (``(None, None)``: nothing held). The caller releases the lease once the
+        pages are shipped; its TTL ends it if the caller never does.
+
+        On a host pool the device pages are views of the pool (one per run of consecutive
+        blocks, no copy), valid until the lease is released: whoever ships them copies them
+        once, straight from the pool. A pinned block's pages never change (an append to a
+        shared tail copies it first), so no lock is held while they are read. Spilled pages
+        are read from their tier, pinned by the same lease.
+        """
         reply = self.lookup(tokens, namespace)
         if reply.lease_id is None:
-            return None
+            return None, None
         pages = self._engine.pages
         try:
             with self._lock:
                 hold = self._leases.get(reply.lease_id, namespace).hold
-                device_pages = -(-hold.device_tokens // self._block_size)
-                rows = pages.gather_pages(hold.device_match.block_ids[:device_pages])
+                device_ids = hold.device_match.block_ids[: -(-hold.device_tokens // self._block_size)]
+                segments = (pages.page_views(device_ids, _MAX_EXPORT_SEGMENTS) or [pages.gather_pages(device_ids)]
+                            if device_ids.size else [])
             num_tokens = hold.device_tokens
             if hold.spill_keys:  # then the device part is a whole number of blocks
                 spilled = [raw.cpu().numpy().reshape(1, -1) for raw in self._read_spilled_raw(hold.spill_keys)]
-                rows = np.concatenate([rows, *spilled])
+                segments.append(np.concatenate(spilled))
                 num_tokens += len(spilled) * self._block_size
-        finally:
+            with self._lock:
+                self._counters["migrations_out"] += 1
+        except BaseException:
             self.release(reply.lease_id)
-        with self._lock:
-            self._counters["migrations_out"] += 1
-        return KVPages(rows, dtype_name(pages.dtype), pages.page_shape, num_tokens)
+            raise
+        return KVPages(tuple(segments), dtype_name(pages.dtype), pages.page_shape, num_tokens), reply.lease_id
 
     def import_prefix(self, tokens: object, payload: KVPages | None,
                       namespace: str = "default") -> StoreReply:
@@ -450,8 +473,9 @@ class NodeEngine:
         payload.check_compatible(self._engine.pages.dtype, self._engine.pages.page_shape)
         if not 0 < payload.num_tokens <= token_ids.size:
             raise InvalidKV(f"the pages hold {payload.num_tokens} tokens of a {token_ids.size}-token prompt")
+        rows = payload.rows()
         with self._lock:
-            reply = self._cache_sequence(token_ids[: payload.num_tokens], namespace, kv_pages=payload.data)
+            reply = self._cache_sequence(token_ids[: payload.num_tokens], namespace, kv_pages=rows)
             self._counters["migrations_in"] += 1
         self._finish()
         return reply

@@ -197,6 +197,23 @@ class PageBuffer:
         index = _index_tensor(ids, self.device)
         return self._page_rows.index_select(0, index).cpu().numpy()
 
+    def page_views(self, block_ids: BlockIds, max_runs: int) -> list[npt.NDArray[np.uint8]] | None:
+        """The pages of ``block_ids`` as zero-copy views of this (host) buffer, one
+        ``(run length, page_bytes)`` view per run of consecutive ids, in order; ``None`` on a
+        device, or when the ids fall into more than ``max_runs`` runs (then a gather is
+        cheaper than many small buffers). The views alias the pool: the caller keeps the
+        blocks pinned, and copies the views out, for as long as it reads them."""
+        ids = as_block_ids(block_ids)
+        if self.device.type != "cpu" or not ids.size:
+            return None
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        if breaks.size + 1 > max_runs:
+            return None
+        host = self._page_rows.numpy()
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [ids.size])).tolist()
+        return [host[int(ids[a]) : int(ids[a]) + (b - a)] for a, b in zip(starts, ends, strict=True)]
+
     def check_pages(self, rows: npt.NDArray[np.uint8], num_tokens: int, what: str = "pages") -> None:
         """Raise :class:`InvalidKV` unless ``rows`` is ``(ceil(num_tokens / block_size),
         page_bytes)`` uint8, as :meth:`gather_pages` returns."""

@@ -215,14 +215,68 @@ def test_exported_pages_import_bit_exact_on_a_peer(
     store_all(node, kv_model, tokens)
     pages = node.export_prefix(np.concatenate([tokens, [1, 2, 3]]))  # a longer prompt: its prefix
     assert pages is not None and pages.num_tokens == length
-    assert pages.data.shape == (-(-length // 16), 16 * make_config().model.bytes_per_token)
-    pages.data.flags.writeable = False  # as it arrives from the object store
+    assert len(pages.segments) == 1
+    assert pages.rows().shape == (-(-length // 16), 16 * make_config().model.bytes_per_token)
+    pages.segments[0].flags.writeable = False  # as it arrives from the object store
     reply = peer.import_prefix(tokens, pages)
     assert (reply.cached_tokens, reply.new_tokens) == (length, length)
     matched, kv = fetch_all(peer, tokens)
     assert matched == length and torch.equal(kv, kv_model.kv(tokens))
     assert node.stats().leases == 0  # the export's lease is released
     assert node.export_prefix(np.arange(7, 30)) is None
+
+
+def test_a_pinned_export_is_a_view_of_the_pool_until_its_lease_is_released(
+    node: NodeEngine, kv_model: SyntheticKV
+) -> None:
+    tokens = np.arange(23000, 23100)  # 7 blocks, the last partial
+    store_all(node, kv_model, tokens)
+    pool = node._engine.pages.pages.numpy()
+    pages, lease_id = node.export_pinned(tokens)
+    assert pages is not None and lease_id is not None and pages.num_tokens == 100
+    assert all(np.shares_memory(segment, pool) for segment in pages.segments)  # no copy
+    assert sum(segment.shape[0] for segment in pages.segments) == 7
+    assert node.stats().leases == 1  # pinned until the caller has shipped them
+    kept = pages.copied()
+    assert node.release(lease_id) and node.stats().leases == 0
+    assert len(kept.segments) == 1 and not np.shares_memory(kept.segments[0], pool)
+    assert node.export_pinned(np.arange(5, 40)) == (None, None)
+
+
+def test_pages_in_several_segments_import_bit_exact(
+    node: NodeEngine, peer: NodeEngine, kv_model: SyntheticKV
+) -> None:
+    tokens = np.arange(21000, 21090)  # 6 blocks
+    store_all(node, kv_model, tokens)
+    rows = node.export_prefix(tokens)
+    assert rows is not None
+    whole = rows.rows()
+    split = KVPages((whole[:1], whole[1:4], whole[4:]), rows.dtype, rows.page_shape, rows.num_tokens)
+    peer.import_prefix(tokens, split)
+    matched, kv = fetch_all(peer, tokens)
+    assert matched == 90 and torch.equal(kv, kv_model.kv(tokens))
+
+
+@pytest.mark.parametrize(
+    ("segments", "message"),
+    [
+        ((), "non-empty tuple of 2-D uint8 arrays"),
+        ((np.zeros((4, 8), dtype=np.float32),), "non-empty tuple of 2-D uint8 arrays"),
+        ([np.zeros((4, 8), dtype=np.uint8)], "non-empty tuple of 2-D uint8 arrays"),
+        ((np.zeros((2, 8), dtype=np.uint8), np.zeros((2, 9), dtype=np.uint8)), "different widths"),
+    ],
+)
+def test_malformed_page_segments_are_refused_and_change_nothing(
+    node: NodeEngine, peer: NodeEngine, kv_model: SyntheticKV, segments: Any, message: str
+) -> None:
+    tokens = np.arange(22000, 22064)
+    store_all(node, kv_model, tokens)
+    pages = node.export_prefix(tokens)
+    assert pages is not None
+    before = peer.stats()
+    with pytest.raises(InvalidKV, match=message):
+        peer.import_prefix(tokens, KVPages(segments, pages.dtype, pages.page_shape, 64))
+    assert peer.stats() == before
 
 
 def test_export_includes_spilled_pages(node: NodeEngine, peer: NodeEngine, kv_model: SyntheticKV) -> None:
@@ -248,7 +302,7 @@ def test_import_refuses_pages_that_do_not_fit(node: NodeEngine, peer: NodeEngine
     assert pages is not None
     before = peer.stats()
     with pytest.raises(InvalidKV, match=r"pages of float32 \(2, 2, 8, 2, 16\) do not fit a cache of float32 \(2, 2, 16, 2, 16\)"):
-        peer.import_prefix(tokens, KVPages(pages.data, pages.dtype, (2, 2, 8, 2, 16), 64))
+        peer.import_prefix(tokens, KVPages(pages.segments, pages.dtype, (2, 2, 8, 2, 16), 64))
     with pytest.raises(InvalidKV, match="pages hold 64 tokens of a 10-token prompt"):
         peer.import_prefix(tokens[:10], pages)
     with pytest.raises(InvalidKV, match="import_prefix takes KVPages, got KVPayload"):

@@ -21,7 +21,9 @@ from kvcluster.connection import connect
 from kvcluster.deploy import Deployment, deploy, undeploy
 from kvcluster.errors import ConfigDrift, InvalidKV, InvalidTokens, LeaseError
 from kvcluster.node_status import collect_status
+from kvcluster.node_types import LookupReply
 from kvcluster.synthetic_kv import SyntheticKV
+from kvcluster.token_wire import prompt_to_wire
 
 pytestmark = pytest.mark.ray_cluster
 
@@ -155,6 +157,15 @@ def test_migration_pulls_a_prefix_node_to_node(client: KVClient, kv_model: Synth
     stats = client.node_stats()
     assert stats[source].migrations_out >= 1
     assert stats[target].migrations_in >= 1
+    assert stats[source].leases == 0  # the export's lease ended with the put
+    # The target now serves the prefix itself, bit-exact.
+    handle = client.node_handle(target)
+    reply = LookupReply.from_wire(handle.call("lookup", *prompt_to_wire("default", prompt, np.dtype("<i8"))))
+    assert reply.matched_tokens == 400 and reply.lease_id is not None
+    try:
+        assert torch.equal(handle.call("fetch", reply.lease_id, "default").to_tensor(), kv_model.kv(prompt))
+    finally:
+        handle.call("release", reply.lease_id)
 
 
 def test_status_reads_the_node_metrics(

@@ -123,3 +123,16 @@ def test_bad_construction() -> None:
         PageBuffer(0, SHAPE, torch.float32)
     with pytest.raises(InvalidArgument):
         PageBuffer(2, (2, 2, 0, 3, 5), torch.float32)
+
+
+def test_page_views_are_one_zero_copy_view_per_run_of_consecutive_blocks() -> None:
+    buf = PageBuffer(12, SHAPE, torch.float32)
+    buf.write_tokens(np.arange(12), 0, kv(48))
+    ids = np.array([3, 4, 5, 9, 10, 1], dtype=np.int64)
+    views = buf.page_views(ids, max_runs=3)
+    assert views is not None and [view.shape[0] for view in views] == [3, 2, 1]
+    host = buf.pages.numpy()
+    assert all(np.shares_memory(view, host) for view in views)
+    assert np.array_equal(np.concatenate(views), buf.gather_pages(ids))
+    assert buf.page_views(ids, max_runs=2) is None  # too many runs: the caller gathers
+    assert buf.page_views(np.empty(0, dtype=np.int64), max_runs=3) is None
