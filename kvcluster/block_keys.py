@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from kvcluster.errors import InvalidArgument
 from routing.block_hashing import BLOCK_HASH_DTYPE, BlockHashArray
 from routing.registry import BlockEvent, Tier
 
@@ -89,7 +90,7 @@ class BlockKeyTable:
         """Key block ``block_ids[i]`` as depth ``positions[i]`` of the chain of ``family`` in
         ``namespace``, hash ``hashes[i]``; a block keyed before is re-keyed."""
         if not (block_ids.shape == hashes.shape == positions.shape):
-            raise ValueError(
+            raise InvalidArgument(
                 f"block ids {block_ids.shape}, hashes {hashes.shape} and positions "
                 f"{positions.shape} must have one shape"
             )

@@ -122,4 +122,3 @@ class NodeActor:
     def shutdown(self) -> None:
         self._engine.shutdown()
         self._metrics.close()
-

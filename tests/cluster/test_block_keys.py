@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kvcluster.block_keys import BlockKey, BlockKeyTable, coalesced_events
+from kvcluster.errors import InvalidArgument
 from routing.block_hashing import BLOCK_HASH_DTYPE
 from routing.registry import EventKind, Tier
 
@@ -48,7 +49,7 @@ def test_two_chains_with_two_blocks_each_keep_their_chain_tuples() -> None:
 
 def test_assign_rejects_mismatched_columns_and_changes_nothing() -> None:
     table = BlockKeyTable(4)
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(InvalidArgument, match="one shape"):
         table.assign(np.array([0, 1]), _hashes(1), np.array([0, 1]), b"A" * 16, "ns")
     assert len(table) == 0 and table.held() == []
 
