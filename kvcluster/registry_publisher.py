@@ -11,6 +11,11 @@ which fences off everything the old one published, and re-announces every block 
 holds, so routing recovers within one heartbeat period. Entries are also re-announced every
 ``entry_ttl_s / 2`` so that live entries never expire.
 
+Publishing is a group commit: a call that flushes returns once its own events are published,
+but only one batch per node is in flight at a time, and it carries everything queued until it
+left. Concurrent stores on a busy node therefore share round trips (and Redis Lua calls)
+instead of each paying one, and batches reach the registry in sequence order.
+
 Registry failures never propagate to the data path: they are counted, logged once per outage,
 and repaired by the next successful resync.
 """
@@ -46,7 +51,12 @@ class RegistryPublisher:
         self._announce_all = announce_all
         self._clock = clock
         self._lock = threading.Lock()  # guards the queue, epoch, seq and the outage flag
+        self._publish_lock = threading.Lock()  # one batch in flight at a time
         self._pending: list[BlockEvent] = []
+        # Events ever queued, and how many of them a publish has carried: a flush waits until
+        # the second passes the first as it was when the flush began.
+        self._queued = 0
+        self._carried = 0
         self.epoch = 0
         self._seq = 0
         self._needs_resync = True
@@ -73,6 +83,7 @@ class RegistryPublisher:
             self.epoch = epoch
             self._seq = 0
             self._pending.clear()
+            self._carried = self._queued  # what was queued belongs to the fenced epoch
             self._needs_resync = False
         self._pending_extend(self._announce_all())
         self._last_announce = self._clock()
@@ -83,25 +94,41 @@ class RegistryPublisher:
     def add(self, event: BlockEvent) -> None:
         with self._lock:
             self._pending.append(event)
+            self._queued += 1
 
     def _pending_extend(self, events: list[BlockEvent]) -> None:
         with self._lock:
             self._pending.extend(events)
+            self._queued += len(events)
 
     def flush(self) -> bool:
-        """Publish the queued events as one batch; False (events dropped, resync scheduled)
-        when the registry cannot be reached or fenced this epoch."""
+        """Publish the events queued so far; return once they are published, by this call or
+        by a concurrent one that carried them. False (events dropped, resync scheduled) when
+        the registry cannot be reached or fenced this epoch."""
         with self._lock:
-            if not self._pending or self._needs_resync or not self.epoch:
+            if self._needs_resync or not self.epoch:
                 return not self._needs_resync
-            events, self._pending = tuple(self._pending), []
-            self._seq += 1
-            batch = EventBatch(self._node_id, self.epoch, self._seq, events)
-        try:
-            self._registry.publish(batch)
-        except (RegistryUnavailable, FencedEpoch) as exc:
-            self._failed(exc)
-            return False
+            wanted = self._queued
+            if self._carried >= wanted:
+                return True
+        with self._publish_lock:
+            with self._lock:
+                if self._needs_resync:
+                    return False
+                if self._carried >= wanted:
+                    return True  # a batch published while this call waited carried them
+                events, self._pending = tuple(self._pending), []
+                carried = self._queued
+                self._seq += 1
+                batch = EventBatch(self._node_id, self.epoch, self._seq, events)
+            try:
+                self._registry.publish(batch)
+            except (RegistryUnavailable, FencedEpoch) as exc:
+                self._failed(exc)
+                return False
+            with self._lock:
+                # max: a re-registration meanwhile may have moved it past this batch
+                self._carried = max(self._carried, carried)
         self._recovered()
         return True
 
@@ -112,6 +139,7 @@ class RegistryPublisher:
         with self._lock:
             self._needs_resync = True
             self._pending.clear()
+            self._carried = self._queued
         if not self._outage_logged:
             logger.warning("node %s: registry unavailable (%s); will resync", self._node_id, exc)
             self._outage_logged = True
