@@ -225,7 +225,8 @@ class NodeEngine:
             if spill_keys:
                 assert self._spill is not None
                 self._spill.pin(spill_keys)
-            hold = _LeaseHold(token_ids[:matched].copy(), match, index_lease, device_tokens,
+            # The match keeps its own immutable copy of the prompt: no second copy here.
+            hold = _LeaseHold(match.tokens[:matched], match, index_lease, device_tokens,
                               first_spilled, spill_keys, matched)
             lease = self._leases.grant(namespace, hold)
             tiers = {"gpu": -(-device_tokens // bs)}
