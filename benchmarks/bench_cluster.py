@@ -29,7 +29,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from benchmarks.report_table import print_table
-from kvcluster.client import KVClient
+from kvcluster.client import KVClient, RouteResult
 from kvcluster.config import KVClusterConfig
 from kvcluster.deploy import alive_ray_nodes
 from kvcluster.local_cluster import local_cluster
@@ -83,11 +83,11 @@ def bench_route(client: KVClient, config: KVClusterConfig, redis_url: str, itera
     def ping_actor() -> None:
         ray.get(peer.ping.remote())
 
-    def route(length: int) -> Callable[[], Callable[[], object]]:
-        def call() -> Callable[[], object]:
+    def route(length: int) -> Callable[[], RouteResult]:
+        def call() -> RouteResult:
             result = client.route_and_lookup(prompts[length])
             assert result.matched_tokens == length
-            return lambda: client.release(result)  # after the clock stops
+            return result
         return call
 
     steps: dict[str, Callable[[], object]] = {"actor": ping_actor, "redis": redis_client.ping}
@@ -99,8 +99,8 @@ def bench_route(client: KVClient, config: KVClusterConfig, redis_url: str, itera
             start = time.perf_counter()
             outcome = steps[name]()
             samples[name].append(time.perf_counter() - start)
-            if callable(outcome):
-                outcome()
+            if isinstance(outcome, RouteResult):
+                client.release(outcome)  # after the clock stops
     floor = _percentiles(samples["actor"])[0] + _percentiles(samples["redis"])[0]
     baseline = "actor ping + Redis PING p50, interleaved"
     rows = []

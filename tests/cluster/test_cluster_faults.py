@@ -3,8 +3,7 @@ a restarted node re-announcing its NVMe pages (warm restart)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +16,11 @@ from kvcluster.config import KVClusterConfig
 from kvcluster.connection import connect
 from kvcluster.deploy import Deployment, deploy, find_nodes, undeploy
 from kvcluster.synthetic_kv import SyntheticKV
-from tests.cluster.conftest import RedisServer
+from tests.cluster.conftest import RedisServer, wait_until
 
 pytestmark = [pytest.mark.ray_cluster, pytest.mark.redis, pytest.mark.slow]
 
 NAMESPACE = "kvc-test-faults"
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")

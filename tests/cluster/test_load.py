@@ -17,6 +17,7 @@ from kvcluster.config import KVClusterConfig
 from kvcluster.connection import connect
 from kvcluster.deploy import deploy, undeploy
 from kvcluster.synthetic_kv import SyntheticKV
+from tests.cluster.conftest import wait_until
 
 pytestmark = [pytest.mark.ray_cluster, pytest.mark.slow]
 
@@ -105,9 +106,7 @@ def test_128_threads_for_a_minute(client: KVClient) -> None:
     # Every pool back to its baseline: no lease, no sequence, ref counts consistent. A pull's
     # source lease is released without waiting for the answer, so give that a moment (a
     # leaked lease would stay for the whole 120 s lease lifetime).
-    deadline = time.monotonic() + 10
-    while any(s.leases for s in client.node_stats().values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not any(s.leases for s in client.node_stats().values()), timeout_s=10)
     for node_id, stats in client.node_stats().items():
         assert stats.leases == 0, node_id
         assert stats.sequences == 0, node_id

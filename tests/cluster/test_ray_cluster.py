@@ -24,6 +24,7 @@ from kvcluster.node_status import collect_status
 from kvcluster.node_types import LookupReply
 from kvcluster.synthetic_kv import SyntheticKV
 from kvcluster.token_wire import prompt_to_wire
+from tests.cluster.conftest import wait_until
 
 pytestmark = pytest.mark.ray_cluster
 
@@ -158,10 +159,7 @@ def test_migration_pulls_a_prefix_node_to_node(client: KVClient, kv_model: Synth
     assert stats[source].migrations_out >= 1
     assert stats[target].migrations_in >= 1
     # The client releases the export's lease without waiting for the answer: it ends soon.
-    deadline = time.monotonic() + 10
-    while client.node_stats()[source].leases and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert client.node_stats()[source].leases == 0
+    assert wait_until(lambda: client.node_stats()[source].leases == 0, timeout_s=10)
     # The target now serves the prefix itself, bit-exact.
     handle = client.node_handle(target)
     reply = LookupReply.from_wire(handle.call("lookup", *prompt_to_wire("default", prompt, np.dtype("<i8"))))
