@@ -121,8 +121,9 @@ def bench_migration(client: KVClient, config: KVClusterConfig, repeats: int) -> 
     more of them land in free blocks), and each is followed by a raw transfer between the
     same two nodes. Each pull is classed by whether the target had the free blocks for it
     (the transfer alone) or first had to evict as many cached blocks (and queue their pages
-    for its spill tier). Before each measurement the spill writers of both ends are drained,
-    so no figure inherits another's background work.
+    for its spill tier). Before each measurement both ends drain their spill writers and
+    registry publishes, so no figure inherits another's background work; the two
+    measurements of a round alternate in order.
     """
     kv_model = SyntheticKV(config.model, seed=1)
     source = client.nodes[0]
@@ -137,31 +138,50 @@ def bench_migration(client: KVClient, config: KVClusterConfig, repeats: int) -> 
     raw: list[float] = []
     nbytes = 0
     blocks = 32768 // config.cache.block_size
-    # Rounds below 0 warm every end up (first touch of their object stores).
+    def settle(target: str) -> None:
+        # The source fills up after a few rounds and then spills what the store evicted on
+        # its writer thread, and a target publishes an import in the background: neither
+        # measurement may compete with the other's leftovers.
+        for handle in (source_handle, client.node_handle(target)):
+            handle.call("drain_spills")
+            handle.call("sync_registry")
+
+    def pull(prompt: np.ndarray, target: str) -> tuple[float, bool]:
+        settle(target)
+        room = client.node_handle(target).call("stats").blocks_free >= blocks
+        start = time.perf_counter()
+        moved = client.migrate_prefix(prompt, "default", source=source, target=target)
+        elapsed = time.perf_counter() - start
+        assert moved.new_tokens == 32768, moved
+        return elapsed, room
+
+    def transfer(nbytes: int, target: str) -> float:
+        settle(target)
+        start = time.perf_counter()
+        ref = src_peer.make.remote(nbytes)  # put on the source node, get on the target node
+        ray.get(dst_peers[target].take.remote([ref]))
+        elapsed = time.perf_counter() - start
+        del ref  # let Ray free the 16 MiB object before the next round
+        return elapsed
+
+    # Rounds below 0 warm every end up (first touch of their object stores). The pull and
+    # the raw transfer swap places every other round (the target alternates every round),
+    # so neither always runs second, on either target.
     for i in range(-len(targets), repeats):
         target = targets[i % len(targets)]
-        target_handle = client.node_handle(target)
         prompt = rng.integers(0, config.model.vocab_size, 32768)
         kv = kv_model.kv(prompt)
         nbytes = kv.numel() * kv.element_size()
         client.store(prompt, kv, node=source)
-        # The source fills up after a few rounds and then spills what the store evicted on
-        # its writer thread; the raw transfer below never competes with that, so neither
-        # does the pull.
-        source_handle.call("drain_spills")
-        room = target_handle.call("stats").blocks_free >= blocks
-        start = time.perf_counter()
-        moved = client.migrate_prefix(prompt, "default", source=source, target=target)
+        if (i // 2) % 2:
+            raw_s = transfer(nbytes, target)
+            pull_s, room = pull(prompt, target)
+        else:
+            pull_s, room = pull(prompt, target)
+            raw_s = transfer(nbytes, target)
         if i >= 0:
-            (into_free if room else into_full).append(time.perf_counter() - start)
-        assert moved.new_tokens == 32768, moved
-        target_handle.call("drain_spills")
-        start = time.perf_counter()
-        ref = src_peer.make.remote(nbytes)  # put on the source node, get on the target node
-        ray.get(dst_peers[target].take.remote([ref]))
-        if i >= 0:
-            raw.append(time.perf_counter() - start)
-        del ref, i  # let Ray free the 16 MiB object before the next round
+            (into_free if room else into_full).append(pull_s)
+            raw.append(raw_s)
     raw_gbps = nbytes / float(np.median(raw)) / 1e9
     baseline = "raw cross-node Ray object transfer (put on the source node, get on the target)"
     rows = []

@@ -365,7 +365,9 @@ class KVClient:
         The pages travel through Ray's object store straight from source to target (the
         client passes a reference, never the bytes); the source's lookups are not blocked.
         The source pins them with a lease until the target has them; the release is sent
-        without waiting for its answer.
+        without waiting for its answer. The target publishes the blocks to the registry on
+        its publisher's thread, so routing finds them there a round trip after this returns
+        (a caller that needs it sooner sends its request to ``target`` directly).
         """
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         start = time.perf_counter()

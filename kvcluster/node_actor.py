@@ -106,6 +106,11 @@ class NodeActor:
         self._engine.drain_spills(timeout_s=60)
         return True
 
+    def sync_registry(self) -> bool:
+        """Wait until the registry has every event queued so far (an import publishes in the
+        background); False if it could not be reached."""
+        return self._engine.sync_registry(timeout_s=60)
+
     def stats(self) -> NodeStats:
         return self._engine.stats()
 

@@ -387,19 +387,23 @@ class NodeEngine:
             [key for key, _, _ in evicted], [tokens for _, tokens, _ in evicted], torch.from_numpy(rows)
         ))
 
-    def _finish(self) -> None:
+    def _finish(self, *, wait_for_registry: bool = True) -> None:
         """After a call released ``_lock``: hand queued spills to the spill writer, publish.
 
         The tier writes of a long evicted prefix (thousands of pages) run on the writer thread,
         so the call that caused the eviction returns without waiting for them; the moved-tier
-        events follow when each batch is written.
+        events follow when each batch is written. Without ``wait_for_registry`` the queued
+        events are published on the publisher's thread and the call returns at once.
         """
         with self._lock:
             assert not self._evicted_pages, "evicted pages were not copied out before a reuse"
             pending, self._pending_spills = self._pending_spills, []
         if pending:
             self._spill_writer.submit(self._write_spills, pending)
-        self._publisher.flush()
+        if wait_for_registry:
+            self._publisher.flush()
+        else:
+            self._publisher.publish_soon()
 
     def _write_spills(self, pending: list[_PendingSpills]) -> None:
         """On the spill writer: each eviction's pages in one batched put, then their
@@ -465,7 +469,9 @@ class NodeEngine:
     def import_prefix(self, tokens: object, payload: KVPages | None,
                       namespace: str = "default") -> StoreReply:
         """Cache a prefix pulled from a peer: ``payload`` (from its :meth:`export_prefix`)
-        holds the pages of the leading ``payload.num_tokens`` tokens, written as they are."""
+        holds the pages of the leading ``payload.num_tokens`` tokens, written as they are.
+        Returns once they are cached here; their registry events are published right after,
+        in the background."""
         token_ids = self._tokens(tokens)
         if payload is None:
             return StoreReply(self.node_id, namespace, 0, 0, 0)
@@ -478,8 +484,15 @@ class NodeEngine:
         with self._lock:
             reply = self._cache_sequence(token_ids[: payload.num_tokens], namespace, kv_pages=rows)
             self._counters["migrations_in"] += 1
-        self._finish()
+        # The pull's caller sends its request here directly, so the registry may learn of the
+        # blocks a round trip later (see :meth:`sync_registry`); the pull returns sooner.
+        self._finish(wait_for_registry=False)
         return reply
+
+    def sync_registry(self, timeout_s: float | None = None) -> bool:
+        """Wait until every event queued so far is published (False: the registry failed
+        and a resync is scheduled)."""
+        return self._publisher.publish_soon().result(timeout=timeout_s)
 
     # --- maintenance and introspection -------------------------------------------------------
 

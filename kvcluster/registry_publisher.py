@@ -16,6 +16,10 @@ but only one batch per node is in flight at a time, and it carries everything qu
 left. Concurrent stores on a busy node therefore share round trips (and Redis Lua calls)
 instead of each paying one, and batches reach the registry in sequence order.
 
+A call that need not wait (a pull's import: the request that caused it is sent to the
+importing node directly) asks for :meth:`publish_soon`: its events go out on the publisher's
+own thread, as the next group commit, and the call returns as soon as they are queued.
+
 Registry failures never propagate to the data path: they are counted, logged once per outage,
 and repaired by the next successful resync.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvcluster.errors import FencedEpoch, RegistryUnavailable
 from routing.config import RegistryConfig
@@ -66,6 +71,8 @@ class RegistryPublisher:
         self._on_error: Callable[[], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # publish_soon's flushes: one thread, so they queue behind each other in order
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvpublish-{node_id}")
 
     def set_error_hook(self, hook: Callable[[], None] | None) -> None:
         self._on_error = hook
@@ -132,6 +139,11 @@ class RegistryPublisher:
         self._recovered()
         return True
 
+    def publish_soon(self) -> Future[bool]:
+        """Publish the events queued so far on the publisher's thread, without waiting; the
+        future holds what :meth:`flush` returned there."""
+        return self._background.submit(self.flush)
+
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
         if self._on_error is not None:
@@ -186,6 +198,7 @@ class RegistryPublisher:
         self._thread.start()
 
     def stop(self) -> None:
+        self._background.shutdown(wait=True)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

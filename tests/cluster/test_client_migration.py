@@ -61,7 +61,9 @@ def test_a_pulled_prefix_is_served_bit_exact_by_the_target(kv_model: SyntheticKV
         assert matched == 300 and kv is not None and torch.equal(kv, kv_model.kv(prompt))
         assert leases(client) == {"n0": 0, "n1": 0, "n2": 0}  # the export's lease was released
         assert client._planner.bandwidth_bytes_per_s != before  # the transfer was measured
-        # The target registered what it received: routing now finds it there too.
+        # The target registers what it received on its publisher's thread (the pull returned
+        # before that); once published, routing finds it there too.
+        assert actors[2].sync_registry()
         assert "n2" in client.router.route(prompt).scores
 
 

@@ -100,3 +100,29 @@ def test_a_failed_publish_drops_the_batch_and_waits_for_a_resync() -> None:
     pub.add(event(3))
     assert pub.flush()
     assert published(registry) == [(3).to_bytes(16, "big")]
+
+
+def test_publish_soon_returns_before_the_batch_is_published_then_publishes_it() -> None:
+    registry = SlowRegistry(hold=True)
+    pub = publisher(registry)
+    pub.add(event(1))
+    pending = pub.publish_soon()
+    assert registry.first_started.wait(10)  # the publisher's thread is inside publish
+    assert not pending.done() and registry.batches == []
+    pub.add(event(2))
+    later = pub.publish_soon()  # queued behind the first, in order
+    registry.release_first.set()
+    assert pending.result(timeout=10) and later.result(timeout=10)
+    assert published(registry) == [(1).to_bytes(16, "big"), (2).to_bytes(16, "big")]
+    assert [batch.seq for batch in registry.batches] == [1, 2]
+
+
+def test_stop_waits_for_the_background_publishes() -> None:
+    registry = SlowRegistry(hold=True)
+    pub = publisher(registry)
+    pub.add(event(7))
+    pub.publish_soon()
+    assert registry.first_started.wait(10)
+    threading.Timer(0.05, registry.release_first.set).start()
+    pub.stop()
+    assert published(registry) == [(7).to_bytes(16, "big")]
