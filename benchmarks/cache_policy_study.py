@@ -33,6 +33,14 @@ hashing over the same cache policy, with hit rate, load imbalance and routing ov
 The oracles show where the online policies lose: ``belady`` reaches the infinite cache's hit
 rate, so capacity is not what is missing; what is missing is knowing, at a prompt's first
 sighting, whether it will come back.
+
+``reuse-predicting`` (:class:`ReusePredicting`) learns that online from features an engine
+has when a request finishes: how many tokens it generated, and whether its prompt extended
+a known prefix. On the shared Mooncake trace short answers are followed up and long ones
+mostly are not, so one cache of the combined capacity reaches ~95% of the infinite cache
+(LRU 85%); split over 8 nodes behind the router it reaches ~93%. Its one constant, the
+recency ``horizon``, was chosen on this trace (single cache), so read these figures as
+what such a policy can do here, not as a general result.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from routing.simulator import SimulationConfig, load_mooncake_trace, simulate
+import numpy as np
+
+from routing.simulator import SimulationConfig, TraceRequest, load_mooncake_trace, simulate
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
 NEVER = float("inf")
@@ -368,6 +378,71 @@ class S3FIFO:
             self.main[block] = None
 
 
+class ReusePredicting(PriorityCache):
+    """Online learned priorities (in the spirit of LRB, Song et al., NSDI 2020): a block's
+    worth is the chance that a later request extends the last request that used it.
+
+    Each request falls in a bucket of features an engine knows once the request has
+    finished (its blocks stay pinned while it runs): ``log2(generated tokens + 1)`` and
+    whether the prompt extended a prefix already seen. A bucket's chance is learned from
+    what happened so far, ``(extended + 1) / (requests + 2)``: a request counts as extended
+    when a later prompt's leading run of known blocks ends inside it. The trailing partial
+    block of a prompt (``input_tokens`` not a multiple of the block) is hit only by a
+    prompt that repeats it exactly, so it gets a chance of its own, learned the same way.
+    A block's priority is ``log(chance) + tick / (horizon * capacity)``: recency still
+    counts, a factor e per ``horizon`` cache turnovers. Nothing is known in advance.
+    """
+
+    def __init__(self, capacity: int, requests: Sequence[TraceRequest], horizon: float = 10.0,
+                 block_tokens: int = 512) -> None:
+        super().__init__(capacity)
+        self.requests = requests
+        self.by_chain = {r.block_ids: r for r in requests}
+        self.block_tokens = block_tokens
+        self.recency = 1.0 / (horizon * capacity)
+        self.last_user: dict[int, int] = {}  # block -> the latest request that used it
+        self.tail_of: dict[int, int] = {}  # request -> its partial trailing block
+        self.bucket_of: dict[int, tuple[int, bool]] = {}
+        self.extended: set[int] = set()
+        self.seen: Counter[tuple[int, bool] | str] = Counter()
+        self.hits: Counter[tuple[int, bool] | str] = Counter()
+        self.serial = 0
+        self.chance = self.tail_chance = 0.0
+
+    def chance_of(self, bucket: tuple[int, bool] | str) -> float:
+        return (self.hits[bucket] + 1) / (self.seen[bucket] + 2)
+
+    def access(self, ids: Chain, t: int) -> None:
+        request = self.by_chain[ids]
+        serial, self.serial = self.serial, self.serial + 1
+        known = 0
+        while known < len(ids) and ids[known] in self.last_user:
+            known += 1
+        if known:
+            extended = self.last_user[ids[known - 1]]
+            if extended not in self.extended:
+                self.extended.add(extended)
+                self.hits[self.bucket_of[extended]] += 1
+            if self.tail_of.get(extended) == ids[known - 1]:
+                self.hits["tail"] += 1
+        bucket = (int(np.log2(request.output_tokens + 1)), known > 0)
+        self.bucket_of[serial] = bucket
+        self.seen[bucket] += 1
+        partial = request.input_tokens % self.block_tokens != 0
+        if partial and ids:
+            self.tail_of[serial] = ids[-1]
+            self.seen["tail"] += 1
+        for block in ids:
+            self.last_user[block] = serial
+        self.chance = float(np.log(self.chance_of(bucket)))
+        self.tail_chance = float(np.log(self.chance_of("tail"))) if partial else self.chance
+        super().access(ids, t)
+
+    def priority(self, block: int, ids: Chain, depth: int, t: int) -> float | None:
+        chance = self.tail_chance if depth == len(ids) - 1 else self.chance
+        return chance + self.tick * self.recency
+
+
 class NodeCache:
     """A study cache as a simulated node's cache (:class:`routing.simulator.BlockCache`): the
     blocks stored and evicted by a request are found by comparing what is cached before and
@@ -408,12 +483,13 @@ ONLINE: dict[str, Callable[[int], Cache]] = {
 }
 
 
-def cluster_study(trace: Path) -> None:
-    requests = load_mooncake_trace(trace)
+def cluster_study(requests: Sequence[TraceRequest]) -> None:
     config = SimulationConfig(nodes=8, capacity_fraction=0.05)
     print(f"\n{'node cache':<26}{'routing':<17}{'hit rate':>9}{'% of inf':>10}{'imbalance':>10}"
           f"{'overhead us':>12}")
-    for name, make in ONLINE.items():
+    online = dict(ONLINE)
+    online["reuse-predicting"] = lambda c: ReusePredicting(c, requests)
+    for name, make in online.items():
 
         def node_cache(capacity: int, make: Callable[[int], Cache] = make) -> NodeCache:
             return NodeCache(make(capacity), capacity)
@@ -460,7 +536,8 @@ def family_sizes(chains: Sequence[Chain]) -> Counter[int]:
     return Counter(families.values())
 
 
-def study(chains: Sequence[Chain], capacity: int) -> list[tuple[str, float]]:
+def study(requests: Sequence[TraceRequest], capacity: int) -> list[tuple[str, float]]:
+    chains = [r.block_ids for r in requests]
     upcoming = next_uses(chains)
     policies: dict[str, Cache] = {
         "lru (simulator)": LRU(capacity),
@@ -471,6 +548,7 @@ def study(chains: Sequence[Chain], capacity: int) -> list[tuple[str, float]]:
         "2q": TwoQ(capacity),
         "arc": ARC(capacity),
         "s3-fifo": S3FIFO(capacity),
+        "reuse-predicting (learned)": ReusePredicting(capacity, requests),
         "belady (offline)": Belady(capacity, upcoming),
         "2-class + oracle admission": TwoClassOracle(capacity, upcoming, "admission"),
         "2-class + oracle family ends": TwoClassOracle(capacity, upcoming, "ends"),
@@ -486,7 +564,8 @@ def main() -> None:
     parser.add_argument("--cluster", action="store_true",
                         help="also replay the 8-node simulation with each online policy per node")
     args = parser.parse_args()
-    chains = [r.block_ids for r in load_mooncake_trace(args.trace)]
+    requests = load_mooncake_trace(args.trace)
+    chains = [r.block_ids for r in requests]
     uses = Counter(b for ids in chains for b in ids)
     unique = len(uses)
     once = sum(1 for n in uses.values() if n == 1)
@@ -503,10 +582,10 @@ def main() -> None:
     infinite = hit_rate(None, chains)
     print(f"{'policy':<32}{'hit rate':>9}{'% of inf':>10}")
     print(f"{'infinite':<32}{infinite:>9.2%}{1:>10.1%}")
-    for name, rate in study(chains, capacity):
+    for name, rate in study(requests, capacity):
         print(f"{name:<32}{rate:>9.2%}{rate / infinite:>10.1%}")
     if args.cluster:
-        cluster_study(args.trace)
+        cluster_study(requests)
 
 
 if __name__ == "__main__":
