@@ -19,7 +19,8 @@ from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.connection import connect
 from kvcluster.deploy import Deployment, deploy, undeploy
-from kvcluster.errors import ConfigDrift, InvalidKV, InvalidTokens, LeaseError
+from kvcluster.errors import ConfigDrift, InvalidKV, InvalidTokens, LeaseError, NodeUnavailable
+from kvcluster.node_handles import RayNodeHandle
 from kvcluster.node_status import collect_status
 from kvcluster.node_types import LookupReply
 from kvcluster.synthetic_kv import SyntheticKV
@@ -192,3 +193,26 @@ def test_pools_return_to_baseline(client: KVClient) -> None:
         assert stats.sequences == 0
     for handle_node in client.nodes:
         assert client._nodes[handle_node].call("check_invariants")
+
+
+@ray.remote
+class PagesAfter:
+    """Stands in for a node whose ``fetch`` answers, after ``seconds``, with pages too large
+    for Ray to inline (so they arrive through the object store)."""
+
+    def fetch(self, seconds: float, nbytes: int) -> np.ndarray:
+        time.sleep(seconds)
+        return np.arange(nbytes, dtype=np.uint8)
+
+
+def test_a_fetch_reply_from_the_object_store_is_waited_for_then_read(ray_cluster: object) -> None:
+    actor = PagesAfter.remote()  # type: ignore[attr-defined]
+    handle = RayNodeHandle("pages", actor, timeout_s=10)
+    pages = handle.call("fetch", 0.2, 4 << 20)
+    assert pages.nbytes == 4 << 20 and np.array_equal(pages[:300], np.arange(300, dtype=np.uint8))
+    slow = RayNodeHandle("pages", actor, timeout_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(NodeUnavailable, match=r"node pages did not answer within 0.3 s"):
+        slow.call("fetch", 3.0, 4 << 20)
+    assert time.monotonic() - start < 2.5  # the wait gave up at its timeout
+    ray.kill(actor)
