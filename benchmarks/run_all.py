@@ -446,9 +446,12 @@ def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any] | None:
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
             timeout=10, check=True,
         ).stdout.strip()
+        # The results files are this command's own output: a rerun over an earlier run's
+        # results is still a run of HEAD.
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-            capture_output=True, text=True, timeout=10, check=True,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)benchmarks/results.md", ":(exclude)benchmarks/results.json"],
+            cwd=repo, capture_output=True, text=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
