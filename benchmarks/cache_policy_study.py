@@ -396,7 +396,6 @@ class ReusePredicting(PriorityCache):
     def __init__(self, capacity: int, requests: Sequence[TraceRequest], horizon: float = 10.0,
                  block_tokens: int = 512) -> None:
         super().__init__(capacity)
-        self.requests = requests
         self.by_chain = {r.block_ids: r for r in requests}
         self.block_tokens = block_tokens
         self.recency = 1.0 / (horizon * capacity)

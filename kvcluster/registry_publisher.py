@@ -141,8 +141,14 @@ class RegistryPublisher:
 
     def publish_soon(self) -> Future[bool]:
         """Publish the events queued so far on the publisher's thread, without waiting; the
-        future holds what :meth:`flush` returned there."""
-        return self._background.submit(self.flush)
+        future holds what :meth:`flush` returned there. After :meth:`stop` (a call that was
+        still running during shutdown) they are published here, before this returns."""
+        try:
+            return self._background.submit(self.flush)
+        except RuntimeError:  # the executor is shut down
+            done: Future[bool] = Future()
+            done.set_result(self.flush())
+            return done
 
     def _failed(self, exc: Exception) -> None:
         self.errors += 1

@@ -126,3 +126,12 @@ def test_stop_waits_for_the_background_publishes() -> None:
     threading.Timer(0.05, registry.release_first.set).start()
     pub.stop()
     assert published(registry) == [(7).to_bytes(16, "big")]
+
+
+def test_publish_soon_after_stop_publishes_before_returning() -> None:
+    registry = SlowRegistry()
+    pub = publisher(registry)
+    pub.stop()
+    pub.add(event(9))
+    assert pub.publish_soon().result(timeout=0)
+    assert published(registry) == [(9).to_bytes(16, "big")]
