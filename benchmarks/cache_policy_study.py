@@ -47,15 +47,20 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import math
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
-from routing.simulator import SimulationConfig, TraceRequest, load_mooncake_trace, simulate
+from routing.simulator import (
+    MOONCAKE_BLOCK_TOKENS,
+    SimulationConfig,
+    TraceRequest,
+    load_mooncake_trace,
+    simulate,
+)
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
 NEVER = float("inf")
@@ -68,7 +73,7 @@ class Cache(Protocol):
     def access(self, ids: Chain, t: int) -> None: ...
 
 
-def leading(cache: Cache | set[int], ids: Chain) -> int:
+def leading(cache: Container[int], ids: Chain) -> int:
     count = 0
     for block in ids:
         if block not in cache:
@@ -394,7 +399,7 @@ class ReusePredicting(PriorityCache):
     """
 
     def __init__(self, capacity: int, requests: Sequence[TraceRequest], horizon: float = 10.0,
-                 block_tokens: int = 512) -> None:
+                 block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> None:
         super().__init__(capacity)
         self.by_chain = {r.block_ids: r for r in requests}
         self.block_tokens = block_tokens
@@ -414,9 +419,7 @@ class ReusePredicting(PriorityCache):
     def access(self, ids: Chain, t: int) -> None:
         request = self.by_chain[ids]
         serial, self.serial = self.serial, self.serial + 1
-        known = 0
-        while known < len(ids) and ids[known] in self.last_user:
-            known += 1
+        known = leading(self.last_user, ids)
         if known:
             extended = self.last_user[ids[known - 1]]
             if extended not in self.extended:
@@ -424,7 +427,7 @@ class ReusePredicting(PriorityCache):
                 self.hits[self.bucket_of[extended]] += 1
             if self.tail_of.get(extended) == ids[known - 1]:
                 self.hits["tail"] += 1
-        bucket = (int(np.log2(request.output_tokens + 1)), known > 0)
+        bucket = (int(math.log2(request.output_tokens + 1)), known > 0)
         self.bucket_of[serial] = bucket
         self.seen[bucket] += 1
         partial = request.input_tokens % self.block_tokens != 0
@@ -433,8 +436,8 @@ class ReusePredicting(PriorityCache):
             self.seen["tail"] += 1
         for block in ids:
             self.last_user[block] = serial
-        self.chance = float(np.log(self.chance_of(bucket)))
-        self.tail_chance = float(np.log(self.chance_of("tail"))) if partial else self.chance
+        self.chance = math.log(self.chance_of(bucket))
+        self.tail_chance = math.log(self.chance_of("tail")) if partial else self.chance
         super().access(ids, t)
 
     def priority(self, block: int, ids: Chain, depth: int, t: int) -> float | None:
