@@ -87,20 +87,24 @@ class KVPages:
     page_shape: tuple[int, ...]
     num_tokens: int
 
-    def rows(self) -> np.ndarray:
-        """Every page as one ``(pages, page_bytes)`` array: the only segment itself, or the
-        segments joined (a copy). :class:`InvalidKV` unless they are uint8 rows of one width."""
+    def checked_segments(self) -> tuple[np.ndarray, ...]:
+        """``segments``, checked: :class:`InvalidKV` unless they are a non-empty tuple of 2-D
+        uint8 arrays of one width (a receiver writes them where they go, never joined)."""
         segments = self.segments
         if not isinstance(segments, tuple) or not segments or not all(
             isinstance(segment, np.ndarray) and segment.dtype == np.uint8 and segment.ndim == 2
             for segment in segments
         ):
             raise InvalidKV("pages must be a non-empty tuple of 2-D uint8 arrays")
-        if len(segments) == 1:
-            return segments[0]
         if len({segment.shape[1] for segment in segments}) != 1:
             raise InvalidKV(f"page segments of different widths: {[s.shape for s in segments]}")
-        return np.concatenate(segments)
+        return segments
+
+    def rows(self) -> np.ndarray:
+        """Every page as one ``(pages, page_bytes)`` array: the only segment itself, or the
+        segments joined (a copy). :class:`InvalidKV` as :meth:`checked_segments`."""
+        segments = self.checked_segments()
+        return segments[0] if len(segments) == 1 else np.concatenate(segments)
 
     def copied(self) -> KVPages:
         """The same pages in memory of their own (one segment), safe to keep."""

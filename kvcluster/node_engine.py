@@ -35,6 +35,7 @@ from kvcluster.block_keys import TIERS_BY_NAME, BlockKey, BlockKeyTable, coalesc
 from kvcluster.config import KVClusterConfig
 from kvcluster.core.eviction import make_policy
 from kvcluster.core.kv_engine import PagedKVEngine
+from kvcluster.core.page_buffer import PageRows
 from kvcluster.core.prefix_index import PrefixIndex
 from kvcluster.core.prefix_records import EvictedBlock, Lease, PrefixMatch
 from kvcluster.core.token_input import as_token_array, check_token_range
@@ -321,7 +322,7 @@ class NodeEngine:
 
     def _cache_sequence(self, token_ids: TokenArray, namespace: str, *,
                         kv: torch.Tensor | None = None,
-                        kv_pages: npt.NDArray[np.uint8] | None = None,
+                        kv_pages: PageRows | None = None,
                         shared_blocks: npt.NDArray[np.int64] | None = None,
                         shared_tokens: int = 0) -> StoreReply:
         """Under ``_lock``: write the K/V into fresh blocks, hand them to the prefix index,
@@ -480,9 +481,9 @@ class NodeEngine:
         payload.check_compatible(self._engine.pages.dtype, self._engine.pages.page_shape)
         if not 0 < payload.num_tokens <= token_ids.size:
             raise InvalidKV(f"the pages hold {payload.num_tokens} tokens of a {token_ids.size}-token prompt")
-        rows = payload.rows()
+        segments = payload.checked_segments()  # written where they go: no join, no extra copy
         with self._lock:
-            reply = self._cache_sequence(token_ids[: payload.num_tokens], namespace, kv_pages=rows)
+            reply = self._cache_sequence(token_ids[: payload.num_tokens], namespace, kv_pages=segments)
             self._counters["migrations_in"] += 1
         # The pull's caller sends its request here directly, so the registry may learn of the
         # blocks a round trip later (see :meth:`sync_registry`); the pull returns sooner.

@@ -45,7 +45,7 @@ import numpy.typing as npt
 import torch
 
 from kvcluster.core.block_pool import BlockIds, BlockPool, as_block_ids
-from kvcluster.core.page_buffer import PageBuffer
+from kvcluster.core.page_buffer import PageBuffer, PageRows
 from kvcluster.core.sequence import SequenceState
 from kvcluster.errors import (
     CapacityError,
@@ -177,7 +177,7 @@ class PagedKVEngine:
         *,
         shared_blocks: SequenceOf[int] | BlockIds = (),
         shared_tokens: int = 0,
-        kv_pages: npt.NDArray[np.uint8] | None = None,
+        kv_pages: PageRows | None = None,
     ) -> SequenceId:
         """A new sequence holding ``tokens``; ``kv`` is the K/V of ``tokens[shared_tokens:]``.
 
@@ -190,8 +190,9 @@ class PagedKVEngine:
         :class:`CapacityError`) nothing changes.
 
         ``kv_pages`` replaces ``kv`` with whole pages in this cache's own layout (as
-        :meth:`PageBuffer.gather_pages` returns them, e.g. from a peer node): written without
-        any layout change, which needs ``shared_tokens`` to be a whole number of blocks.
+        :meth:`PageBuffer.gather_pages` returns them, or a tuple of segments of those rows,
+        e.g. from a peer node): written without any layout change, which needs
+        ``shared_tokens`` to be a whole number of blocks.
         """
         token_ids = self._validate_tokens(tokens)
         if isinstance(shared_tokens, bool) or not isinstance(shared_tokens, int | np.integer):
@@ -437,7 +438,7 @@ class PagedKVEngine:
         return ids
 
     def _extend(self, state: SequenceState, token_ids: npt.NDArray[np.int64],
-                kv: torch.Tensor | npt.NDArray[np.uint8]) -> None:
+                kv: torch.Tensor | PageRows) -> None:
         """Append validated tokens and K/V (a tensor, or whole pages when the sequence ends on
         a block boundary): take the blocks (raises before any change), copy a shared partial
         tail, write the pages, then extend the record."""
@@ -458,10 +459,10 @@ class PagedKVEngine:
         first = state.num_tokens // bs
         state.append_blocks(fresh, self.max_blocks_per_sequence)
         run = state.table[first : state.num_blocks]
-        if isinstance(kv, np.ndarray):
-            self.pages.write_pages(run, kv, n)
-        else:
+        if isinstance(kv, torch.Tensor):
             self.pages.write_tokens(run, state.num_tokens % bs, kv)
+        else:
+            self.pages.write_pages(run, kv, n)
         state.append_tokens(token_ids, self.max_context)
 
     def _validate_tokens(self, tokens: TokenInput) -> npt.NDArray[np.int64]:

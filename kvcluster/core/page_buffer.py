@@ -32,6 +32,9 @@ import torch
 from kvcluster.core.block_pool import BlockIds, as_block_ids
 from kvcluster.errors import InvalidArgument, InvalidKV
 
+#: Whole pages as ``(pages, page_bytes)`` uint8 rows: one array, or segments of it in order.
+PageRows = npt.NDArray[np.uint8] | tuple[npt.NDArray[np.uint8], ...]
+
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -214,18 +217,34 @@ class PageBuffer:
         ends = np.concatenate((breaks, [ids.size])).tolist()
         return [host[int(ids[a]) : int(ids[a]) + (b - a)] for a, b in zip(starts, ends, strict=True)]
 
-    def check_pages(self, rows: npt.NDArray[np.uint8], num_tokens: int, what: str = "pages") -> None:
+    def check_pages(self, rows: PageRows, num_tokens: int, what: str = "pages") -> None:
         """Raise :class:`InvalidKV` unless ``rows`` is ``(ceil(num_tokens / block_size),
-        page_bytes)`` uint8, as :meth:`gather_pages` returns."""
+        page_bytes)`` uint8, as :meth:`gather_pages` returns, or a tuple of such arrays
+        (segments, e.g. :meth:`page_views` of a peer) whose rows add up to that."""
         expected = (-(-num_tokens // self.block_size), self.page_bytes)
-        if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.shape != expected:
-            got = (f"{rows.dtype} {rows.shape}" if isinstance(rows, np.ndarray) else type(rows).__name__)
+        segments = rows if isinstance(rows, tuple) else (rows,)
+        if not segments or not all(
+            isinstance(s, np.ndarray) and s.dtype == np.uint8 and s.ndim == 2 and s.shape[1] == self.page_bytes
+            for s in segments
+        ) or sum(s.shape[0] for s in segments) != expected[0]:
+            got = ", ".join(f"{s.dtype} {s.shape}" if isinstance(s, np.ndarray) else type(s).__name__
+                            for s in segments) or "no segments"
             raise InvalidKV(f"{what} are {got}; {num_tokens} tokens need uint8 {expected}")
 
-    def write_pages(self, block_ids: BlockIds, rows: npt.NDArray[np.uint8], num_tokens: int) -> None:
+    def write_pages(self, block_ids: BlockIds, rows: PageRows, num_tokens: int) -> None:
         """Write whole pages (:meth:`check_pages`-valid ``rows``) holding the first
-        ``num_tokens`` tokens of the run of ``block_ids``; the last page may be partial."""
-        ids = as_block_ids(block_ids)[: rows.shape[0]]
+        ``num_tokens`` tokens of the run of ``block_ids``; the last page may be partial.
+        Segments are written where their rows go, never joined first."""
+        ids = as_block_ids(block_ids)
+        offset = 0
+        for segment in rows if isinstance(rows, tuple) else (rows,):
+            self._write_rows(ids[offset : offset + segment.shape[0]], segment)
+            offset += segment.shape[0]
+        ids = ids[:offset]
+        if ids.size:
+            self._mark_filled(ids, 0, num_tokens)
+
+    def _write_rows(self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.uint8]) -> None:
         if not ids.size:
             return
         if self.device.type == "cpu":  # works from read-only (object store) memory
@@ -237,7 +256,6 @@ class PageBuffer:
         else:
             source = torch.from_numpy(rows if rows.flags.writeable else rows.copy())
             self._page_rows.index_copy_(0, _index_tensor(ids, self.device), source.to(self.device))
-        self._mark_filled(ids, 0, num_tokens)
 
     def copy_block(self, src: int, dst: int, num_tokens: int | None = None) -> None:
         """Copy page ``src`` into page ``dst`` (only its first ``num_tokens`` rows if given)."""

@@ -358,6 +358,30 @@ def test_whole_pages_round_trip_between_engines(length: int) -> None:
     target.check_invariants()
 
 
+def test_whole_pages_in_segments_are_written_where_they_go_without_a_join() -> None:
+    source = PagedKVEngine(TINY, block_size=16, num_blocks=32)
+    target = PagedKVEngine(TINY, block_size=16, num_blocks=32)
+    kv = make_kv(TINY, 90, seed=5)  # 6 pages, the last partial
+    rows = source.pages.gather_pages(source.block_table(source.create_sequence(list(range(90)), kv)))
+    # Free blocks scattered over the target's pool: the segments land on non-consecutive ids.
+    holes = [target.create_sequence(list(range(16)), make_kv(TINY, 16, seed=i)) for i in range(8)]
+    for hole in holes[::2]:
+        target.free(hole)
+    segments = (rows[:1], rows[1:4], rows[4:])
+    for segment in segments:
+        segment.flags.writeable = False  # as they arrive from Ray's object store
+    copy = target.create_sequence(list(range(90)), kv_pages=segments)
+    assert torch.equal(target.read_kv(copy), kv)
+    assert target.pages.rows_filled[target.block_table(copy)[-1]] == 90 - 5 * 16
+    before = snapshot(target)
+    with pytest.raises(InvalidKV, match=r"kv_pages are uint8 \(1, 8192\), uint8 \(3, 8192\); 90 tokens"):
+        target.create_sequence(list(range(90)), kv_pages=segments[:2])
+    with pytest.raises(InvalidKV, match=r"kv_pages are no segments"):
+        target.create_sequence(list(range(90)), kv_pages=())
+    assert_same_state(before, target)
+    target.check_invariants()
+
+
 def test_whole_pages_after_a_shared_prefix_of_whole_blocks(engine: PagedKVEngine) -> None:
     kv = make_kv(TINY, 40)
     donor = engine.create_sequence(list(range(40)), kv)
