@@ -375,7 +375,8 @@ class KVClient:
         wire = self._wire(namespace, token_ids)
         pages, lease = src.submit("export_pinned", *wire)
         try:
-            reply: StoreReply = dst.call("import_prefix", pages, *wire)
+            # In a list, so that the target fetches the pages itself (NodeActor.import_prefix).
+            reply: StoreReply = dst.call("import_prefix", [pages], *wire)
         finally:
             with contextlib.suppress(NodeUnavailable):  # a dead source holds no lease
                 src.submit("release", lease)

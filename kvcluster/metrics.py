@@ -9,8 +9,9 @@ read from the engine's stats when scraped, never updated on the hot path.
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -56,6 +57,19 @@ class _StatsCollector(Collector):
         yield leases
 
 
+class _FrozenObjectsCollector(Collector):
+    """The objects ``gc.freeze`` moved out of the collector's reach, read at scrape time."""
+
+    def __init__(self, node_id: str) -> None:
+        self._node_id = node_id
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        frozen = GaugeMetricFamily("kvcluster_gc_frozen_objects",
+                                   "Objects frozen out of garbage collection at start-up", labels=["node"])
+        frozen.add_metric([self._node_id], gc.get_freeze_count())
+        yield frozen
+
+
 class NodeMetrics:
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -84,7 +98,31 @@ class NodeMetrics:
         self.registry_errors = Counter(
             "kvcluster_registry_errors", "Failed registry calls", ["node"], registry=self.registry
         )
+        self.gc_pause_seconds = Histogram(
+            "kvcluster_gc_pause_seconds", "Pauses of Python's cyclic garbage collector in the "
+            "node's process, by generation (only for a node that owns its process)",
+            ["node", "generation"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
         self._server: Any = None
+        self._gc_callback: Callable[[str, dict[str, int]], None] | None = None
+
+    def watch_gc(self) -> None:
+        """Time every collection of this process's garbage collector (``gc.callbacks`` is
+        per process: only a node that owns its process calls this; :meth:`close` undoes it)."""
+        if self._gc_callback is not None:
+            return
+        started = [0.0]
+        pauses = {generation: self.gc_pause_seconds.labels(self.node_id, str(generation)) for generation in range(3)}
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                pauses[info["generation"]].observe(time.perf_counter() - started[0])
+
+        self._gc_callback = on_gc
+        gc.callbacks.append(on_gc)
+        self.registry.register(_FrozenObjectsCollector(self.node_id))
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
@@ -98,6 +136,9 @@ class NodeMetrics:
         return None if self._server is None else int(self._server.server_port)
 
     def close(self) -> None:
+        if self._gc_callback is not None:
+            gc.callbacks.remove(self._gc_callback)
+            self._gc_callback = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from kvcluster.config import KVClusterConfig
+from kvcluster.errors import InvalidKV, KVClusterError, NodeUnavailable
 from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.metrics import InstrumentedNode, NodeMetrics
 from kvcluster.node_engine import NodeEngine
@@ -41,6 +42,7 @@ class NodeActor:
         if registry is None:
             registry = build_registry(config.registry, registry_actor)
         self._engine = NodeEngine(node_id, config, registry)
+        self._lease_ttl_s = config.cluster.lease_ttl_s
         self._prompts = PromptMemory(config.cluster.prompt_memory_tokens)
         self._metrics = NodeMetrics(node_id)
         self._node = InstrumentedNode(self._engine, self._metrics)
@@ -98,9 +100,42 @@ class NodeActor:
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
         return self._node.export_pinned(tokens, namespace)
 
-    def import_prefix(self, payload: KVPages | None, *prompt_wire: bytes) -> StoreReply:
+    def import_prefix(self, pages: list[Any], *prompt_wire: bytes) -> StoreReply:
+        """Cache the pages of a peer's :meth:`export_pinned`: ``pages`` holds one item, the
+        pages themselves or (through Ray) the reference to them, fetched here.
+
+        Why a reference inside a list: Ray resolves an argument before it sends the task,
+        so a direct argument would reach this node only after the export had finished and
+        reported back to the caller, and only then would the transfer start. Sent at once
+        with the reference, this call is already waiting when the export stores its pages,
+        and the transfer starts then, as a plain ``ray.get`` of an object would.
+        """
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
+        if not isinstance(pages, list) or len(pages) != 1:
+            raise InvalidKV(f"import_prefix takes a list of one pages object, got {type(pages).__name__}")
+        payload = pages[0]
+        if isinstance(payload, ray.ObjectRef):
+            payload = self._receive(payload)
         return self._node.import_prefix(tokens, payload, namespace)
+
+    def _receive(self, ref: ray.ObjectRef) -> Any:
+        """The object behind ``ref``, waited for through the raylet first (see
+        :meth:`kvcluster.node_handles.RayNodeHandle.resolve`), for at most a lease's life:
+        the source pins the pages only that long."""
+        limit = self._lease_ttl_s
+        try:
+            ready, _ = ray.wait([ref], timeout=limit, fetch_local=True)
+            if not ready:
+                raise NodeUnavailable(f"the pages of a pull did not arrive within {limit} s")
+            return ray.get(ref, timeout=limit)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, KVClusterError):
+                raise cause from None
+            raise NodeUnavailable(f"the export of a pull failed: {exc}") from None
+        except ray.exceptions.RayError as exc:
+            raise NodeUnavailable(f"the pages of a pull are unreachable: {type(exc).__name__}: {exc}") from None
+
 
     def drain_spills(self) -> bool:
         self._engine.drain_spills(timeout_s=60)

@@ -9,6 +9,7 @@ serialised behind a migration or a large fetch (NodeEngine is thread-safe for th
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import ray
@@ -39,6 +40,25 @@ NODE_PROCESS_ENV = {
 REGISTRY_ACTOR_NAME = "kvregistry"
 
 
+class RayNodeActor(NodeActor):
+    """A node actor in a Ray worker process of its own, which it may tune as a whole.
+
+    Once built, it collects garbage and freezes every object alive (``gc.freeze``): the
+    ~200,000 objects of the imported modules (torch, numpy, Ray) and of the engine's
+    start-up then sit outside the collector's generations. A full collection, triggered by
+    the many small objects a store or an import allocates, otherwise walks all of them while
+    holding the GIL: 220-370 ms stalls of every call in the node, against ~4 ms once frozen
+    (measured here during the migration benchmark). Pauses are exported as
+    ``kvcluster_gc_pause_seconds``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        gc.collect()
+        gc.freeze()
+        self._metrics.watch_gc()
+
+
 def node_actor_name(node_id: str) -> str:
     return NODE_ACTOR_PREFIX + node_id
 
@@ -55,7 +75,7 @@ def create_node_actor(
 
     Idempotent: ``get_if_exists`` returns the live actor of that name instead of a second one.
     """
-    actor_cls = ray.remote(NodeActor)
+    actor_cls = ray.remote(RayNodeActor)
     return actor_cls.options(  # type: ignore[attr-defined]
         name=node_actor_name(node_id),
         namespace=namespace,

@@ -171,6 +171,29 @@ def test_migration_pulls_a_prefix_node_to_node(client: KVClient, kv_model: Synth
         handle.call("release", reply.lease_id)
 
 
+@ray.remote
+def export_that_fails(error: Exception) -> None:
+    """Stands in for a source whose export raised."""
+    raise error
+
+
+def test_an_import_whose_export_failed_raises_and_stores_nothing(client: KVClient) -> None:
+    handle = client.node_handle(client.nodes[2])
+    prompt = np.arange(9500, 9600)
+    wire = prompt_to_wire("default", prompt, np.dtype("<i8"))
+    before = handle.call("stats")
+    # A cluster error from the source reaches the caller as itself...
+    with pytest.raises(InvalidKV, match="pages of float16"):
+        handle.call("import_prefix", [export_that_fails.remote(InvalidKV("pages of float16"))], *wire)
+    # ...anything else as the source being unavailable.
+    with pytest.raises(NodeUnavailable, match="the export of a pull failed"):
+        handle.call("import_prefix", [export_that_fails.remote(ValueError("disk on fire"))], *wire)
+    with pytest.raises(InvalidKV, match="a list of one pages object, got tuple"):
+        handle.call("import_prefix", (None,), *wire)
+    after = handle.call("stats")
+    assert (after.blocks_free, after.migrations_in) == (before.blocks_free, before.migrations_in)
+
+
 def test_status_reads_the_node_metrics(
     client: KVClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -185,6 +208,16 @@ def test_status_reads_the_node_metrics(
     out = capsys.readouterr().out
     assert out.count("node-") == 3 and "hit rate" in out
     assert cli_main(["status", "--config", str(config_file), "--min-nodes", "4"]) == 1
+
+
+def test_node_actors_freeze_their_start_up_objects_and_time_gc_pauses(client: KVClient) -> None:
+    for node in client.nodes:
+        text = client.node_handle(node).call("metrics_text")
+        frozen = [line for line in text.splitlines() if line.startswith("kvcluster_gc_frozen_objects{")]
+        assert len(frozen) == 1 and float(frozen[0].rsplit(" ", 1)[1]) > 50_000, frozen
+        # Pauses are timed from start-up on (counted in tests/cluster/test_node_metrics.py).
+        pauses = [line for line in text.splitlines() if line.startswith("kvcluster_gc_pause_seconds_count{")]
+        assert len(pauses) == 3, pauses
 
 
 def test_pools_return_to_baseline(client: KVClient) -> None:
