@@ -54,3 +54,20 @@ def test_it_keeps_nothing_beyond_its_capacity() -> None:
     for t, request in enumerate(requests):
         cache.access(request.block_ids, t)
         assert len(cache.live) <= 4
+
+
+def test_a_chain_head_never_ranks_below_a_tail_that_extends_it() -> None:
+    # A first turn with a short answer (such requests have come back), then a prompt with a
+    # long answer that shares only its first block (such requests never have): its low chance
+    # must not demote the shared head below the first turn's other blocks, or a tree that
+    # evicts leaves only could not follow the priorities.
+    first_turn = TraceRequest(0.0, 3 * 512, 4, (1, 2, 3))
+    one_off = TraceRequest(1.0, 2 * 512, 700, (1, 9))
+    cache = ReusePredicting(100, [first_turn, one_off])
+    cache.seen[(2, False)], cache.hits[(2, False)] = 100, 99
+    cache.seen[(9, True)] = 100
+    cache.access(first_turn.block_ids, 0)
+    cache.access(one_off.block_ids, 1)
+    head, middle, tail, other = (cache.live[b] for b in (1, 2, 3, 9))
+    assert head > middle > tail  # the chain ranks deepest first, the head last to go
+    assert head > other and middle > other  # the one-off's own block ranks lowest
