@@ -22,7 +22,7 @@ from kvcluster.model_spec import PRESETS, ModelSpec
 from routing.config import HashingConfig, RegistryConfig, RouterConfig
 from tiers.config import TiersConfig
 
-EVICTION_POLICIES = ("lru", "lfu", "ttl")
+EVICTION_POLICIES = ("lru", "lfu", "reuse", "ttl")
 
 
 class EvictionConfig(BaseModel):
@@ -32,8 +32,10 @@ class EvictionConfig(BaseModel):
 
     policy: str = Field(
         default="lru",
-        description="lru, lfu or ttl, or a combination joined by '+' (e.g. 'lru+ttl': expired "
-        "blocks go first, then the least recently used).",
+        description="lru, lfu, reuse or ttl, or one of the first three with ttl joined by '+' "
+        "(e.g. 'lru+ttl': expired blocks go first, then the least recently used). reuse learns "
+        "which requests come back (from the generated length a store reports and whether its "
+        "prompt extended a cached prefix) and evicts the least likely first.",
     )
     ttl_s: float | None = Field(
         default=None, gt=0, description="Seconds after its last use that a block expires (ttl)."
@@ -58,8 +60,11 @@ class EvictionConfig(BaseModel):
                 f"unknown eviction policy {value!r}; valid policies: {', '.join(EVICTION_POLICIES)}"
                 " (or a combination such as 'lru+ttl')"
             )
-        if "lru" in parts and "lfu" in parts:
-            raise ValueError("lru and lfu cannot be combined; pick one, optionally with ttl")
+        orders = [p for p in parts if p != "ttl"]
+        if len(orders) > 1:
+            raise ValueError(
+                f"{' and '.join(orders)} cannot be combined; pick one of lru, lfu and reuse, optionally with ttl"
+            )
         return "+".join(parts)
 
     @model_validator(mode="after")

@@ -30,13 +30,16 @@
  * type); any other object goes through the generic attribute protocol. */
 enum slot {
     SLOT_CHILDREN, SLOT_KEY, SLOT_END, SLOT_PARENT, SLOT_PATH_BLOCKS, SLOT_PIN_COUNT,
-    SLOT_TERMINAL, SLOT_START, SLOT_NAMESPACE, SLOT_NODE_ID, SLOT_LAST_ACCESS, SLOT_FREQ, SLOT_COUNT
+    SLOT_TERMINAL, SLOT_START, SLOT_NAMESPACE, SLOT_NODE_ID, SLOT_LAST_ACCESS, SLOT_FREQ,
+    SLOT_REUSE_VALUE, SLOT_REUSE_OWNER, SLOT_COUNT
 };
 static const char *const slot_spelling[SLOT_COUNT] = {
     "children", "key", "end", "parent", "path_blocks", "pin_count",
     "terminal", "start", "namespace", "node_id", "last_access", "freq",
+    "reuse_value", "reuse_owner",
 };
 static PyObject *slot_names[SLOT_COUNT];
+static PyObject *unranked = NULL; /* -inf: RadixNode's UNRANKED, the reuse rank of a new node */
 static PyTypeObject *layout_type = NULL; /* a strong reference, so its address is never reused */
 static Py_ssize_t slot_offsets[SLOT_COUNT];
 
@@ -456,9 +459,10 @@ insert_walk(PyObject *module, PyObject *args)
         {
             const enum slot fields[] = {SLOT_KEY, SLOT_START, SLOT_END, SLOT_PARENT, SLOT_CHILDREN,
                                         SLOT_PATH_BLOCKS, SLOT_NAMESPACE, SLOT_NODE_ID, SLOT_LAST_ACCESS,
-                                        SLOT_FREQ, SLOT_PIN_COUNT, SLOT_TERMINAL};
+                                        SLOT_FREQ, SLOT_PIN_COUNT, SLOT_TERMINAL, SLOT_REUSE_VALUE,
+                                        SLOT_REUSE_OWNER};
             PyObject *const values[] = {key, start_value, end_value, parent, leaf_children, path, namespace,
-                                        id_value, now, zero, zero, Py_True};
+                                        id_value, now, zero, zero, Py_True, unranked, Py_None};
             for (size_t f = 0; f < sizeof fields / sizeof fields[0]; f++) {
                 if (set_slot(leaf, fields[f], values[f]) < 0) {
                     goto leaf_done;
@@ -542,6 +546,10 @@ PyInit__radixwalk(void)
         if (slot_names[i] == NULL) {
             return NULL;
         }
+    }
+    unranked = PyFloat_FromDouble(-Py_HUGE_VAL);
+    if (unranked == NULL) {
+        return NULL;
     }
     return PyModule_Create(&radixwalk_module);
 }

@@ -1,4 +1,4 @@
-"""Eviction policies of the prefix index: ``lru``, ``lfu``, ``ttl`` and their combinations.
+"""Eviction policies of the prefix index: ``lru``, ``lfu``, ``reuse``, ``ttl`` and combinations.
 
 A policy orders the *unpinned* nodes of a :class:`~kvcluster.core.prefix_index.PrefixIndex`
 (every namespace: they share one block pool) so the index can ask for the next victim in O(1)
@@ -23,8 +23,17 @@ Policies
              index's evictor drops expired nodes (``PrefixIndex.evict_expired``) without waiting
              for a lookup to notice. Alone, ``ttl`` evicts for capacity in expiry order, which
              with one TTL for all is the ``lru`` order.
-    ``lru+ttl`` / ``lfu+ttl``: expired nodes go first, oldest first; then the ``lru``/``lfu``
-             order.
+    ``reuse`` learned: lowest rank first. A store ranks the nodes it touches
+             ``log(chance) + blocks_touched / (REUSE_HORIZON_TURNOVERS * capacity)``, where
+             ``chance`` is what :class:`~kvcluster.core.reuse_model.ReuseModel` has learned
+             of requests like it (their generated length, whether they extended a cached
+             prefix) being continued; a lookup, before its request has run, uses the chance
+             of all requests. A use never lowers a rank, so an ancestor ranks at least as
+             high as any descendant and the front is a leaf, as above (equal ranks: the
+             deeper node first). A min-heap with lazily skipped stale entries: touch and
+             victim O(log n). Without generated lengths it still learns from continuation.
+    ``lru+ttl`` / ``lfu+ttl`` / ``reuse+ttl``: expired nodes go first, oldest first; then the
+             ``lru``/``lfu``/``reuse`` order.
 
 Concurrency: not thread-safe; the index's owner serialises every call.
 """
@@ -39,10 +48,16 @@ from collections.abc import Callable, Iterator
 from typing import Literal
 
 from kvcluster.core.radix_node import RadixNode
+from kvcluster.core.reuse_model import ReuseModel, ReuseRecord
 from kvcluster.errors import InvalidArgument
 
-#: Policy names that can be combined with '+' (``lru`` and ``lfu`` exclude each other).
-POLICY_NAMES = ("lru", "lfu", "ttl")
+#: Policy names that can be combined with '+' (``lru``, ``lfu`` and ``reuse`` exclude each other).
+POLICY_NAMES = ("lru", "lfu", "reuse", "ttl")
+
+#: ``reuse``: recency still counts; a rank gains 1 (a factor e in chance) per this many
+#: turnovers of the cache's capacity in blocks touched. Chosen on the Mooncake trace in
+#: ``benchmarks/cache_policy_study.py`` (a single cache; 5 and 20 within half a point).
+REUSE_HORIZON_TURNOVERS = 10.0
 
 EvictionReason = Literal["capacity", "ttl", "memory_budget", "explicit"]
 #: Every reason an eviction is counted under.
@@ -70,16 +85,18 @@ def parse_policy_name(name: str) -> tuple[str, ...]:
         )
     if len(set(parts)) != len(parts):
         raise InvalidArgument(f"eviction policy {name!r} names a policy twice; valid: {valid}")
-    if "lru" in parts and "lfu" in parts:
+    orders = [p for p in parts if p != "ttl"]
+    if len(orders) > 1:
         raise InvalidArgument(
-            f"eviction policy {name!r}: lru and lfu cannot be combined; pick one, optionally "
-            "with ttl ('lru+ttl', 'lfu+ttl')"
+            f"eviction policy {name!r}: {' and '.join(orders)} cannot be combined; pick one of "
+            "lru, lfu and reuse, optionally with ttl ('lru+ttl', 'lfu+ttl', 'reuse+ttl')"
         )
     return tuple(p for p in POLICY_NAMES if p in parts)
 
 
 def make_policy(name: str, ttl_s: float | None = None, clock: Clock = time.monotonic) -> EvictionPolicy:
-    """The policy called ``name`` (``lru``, ``lfu``, ``ttl``, ``lru+ttl``, ``lfu+ttl``).
+    """The policy called ``name`` (``lru``, ``lfu``, ``reuse``, ``ttl``, or ``lru``/``lfu``/``reuse``
+    with ``+ttl``).
 
     ``ttl_s`` is required by, and only allowed with, a policy that includes ``ttl``; it must be
     a finite number of seconds > 0. Bad values raise :class:`InvalidArgument`.
@@ -111,7 +128,8 @@ class EvictionPolicy:
         self.ttl_s: float | None = float(ttl_s) if ttl_s is not None else None
         self.clock = clock
         self.uses_frequency = "lfu" in parts
-        self.uses_recency = not self.uses_frequency or self.ttl_s is not None
+        self.uses_reuse = "reuse" in parts
+        self.uses_recency = not (self.uses_frequency or self.uses_reuse) or self.ttl_s is not None
         # Recency order (lru, ttl): front = least recently used. O(1) move-to-end.
         self._recency: OrderedDict[RadixNode, None] = OrderedDict()
         # Frequency order (lfu): count -> nodes in order of reaching that count.
@@ -119,13 +137,29 @@ class EvictionPolicy:
         self._counts: list[int] = []  # min-heap of bucket counts, pruned lazily
         self._counts_in_heap: set[int] = set()
         self._size = 0
+        # Rank order (reuse): a heap of (rank, -end, node_id, node); a node's live entry is
+        # the one equal to _ranked[node], the others are skipped when they surface.
+        self.reuse_model = ReuseModel()
+        self._ranked: dict[RadixNode, tuple[float, int, int]] = {}
+        self._heap: list[tuple[float, int, int, RadixNode]] = []
+        self._blocks_touched = 0
+        self._per_block = 1.0 / REUSE_HORIZON_TURNOVERS  # until attach() gives the capacity
+        self._block_size = 1
+        self._store: ReuseRecord | None = None  # the store whose touches are under way
+        self._store_rank = 0.0
         self.touch_path: Callable[[RadixNode, float], None]
-        if self.uses_frequency and self.uses_recency:
+        # touch_match(node, now): a lookup matched up to ``node``: ``touch_path``, and for
+        # ``reuse`` the request that last stored ``node`` counts as continued.
+        self.touch_match: Callable[[RadixNode, float], None]
+        if self.uses_reuse:
+            self.touch_path = self._touch_reuse
+        elif self.uses_frequency and self.uses_recency:
             self.touch_path = self._touch_both
         elif self.uses_frequency:
             self.touch_path = self._touch_frequency
         else:
             self.touch_path = self._touch_recency
+        self.touch_match = self._touch_match_reuse if self.uses_reuse else self.touch_path
 
     def __repr__(self) -> str:
         return f"EvictionPolicy({self.name!r}, ttl_s={self.ttl_s}, tracked={self._size})"
@@ -134,6 +168,8 @@ class EvictionPolicy:
         return self._size
 
     def __contains__(self, node: object) -> bool:
+        if self.uses_reuse:
+            return node in self._ranked
         if self.uses_recency:
             return node in self._recency
         return isinstance(node, RadixNode) and node in self._buckets.get(node.freq, ())
@@ -146,6 +182,8 @@ class EvictionPolicy:
             self._recency[node] = None
         if self.uses_frequency:
             self._bucket(node.freq)[node] = None
+        if self.uses_reuse:
+            self._rank(node)
         self._size += 1
 
     def track_many(self, nodes: list[RadixNode]) -> None:
@@ -157,6 +195,9 @@ class EvictionPolicy:
         if self.uses_frequency:
             for node in nodes:
                 self._bucket(node.freq)[node] = None
+        if self.uses_reuse:
+            for node in nodes:
+                self._rank(node)
         self._size += len(nodes)
 
     def untrack(self, node: RadixNode) -> None:
@@ -168,6 +209,8 @@ class EvictionPolicy:
             del bucket[node]
             if not bucket:
                 del self._buckets[node.freq]
+        if self.uses_reuse:
+            del self._ranked[node]
         self._size -= 1
 
     # --- uses ----------------------------------------------------------------------------------
@@ -177,7 +220,7 @@ class EvictionPolicy:
 
     def touch_many(self, nodes: list[RadixNode], now: float) -> None:
         """``touch_path`` for each node in order (one call for a batch)."""
-        if self.uses_frequency:
+        if self.uses_frequency or self.uses_reuse:
             touch = self.touch_path
             for node in nodes:
                 touch(node, now)
@@ -199,7 +242,7 @@ class EvictionPolicy:
         appended and then moved: every leaf is touched, and a leaf's place is decided by its
         touch, so the end state is the same.
         """
-        if self.uses_frequency:
+        if self.uses_frequency or self.uses_reuse:
             self.track_many(nodes)
             self.touch_many(nodes, now)
             return
@@ -259,16 +302,90 @@ class EvictionPolicy:
                 self._bucket(count + 1)[node] = None
             node = node.parent
 
+    def _touch_reuse(self, node: RadixNode, now: float) -> None:
+        """Rank ``node`` and its ancestors: the store's chance under way, else the chance of
+        all requests, plus the recency term; a rank only ever rises. A store also makes its
+        record the owner of every node it touches (the request a later match credits)."""
+        self._blocks_touched += -(-node.end // self._block_size)
+        store = self._store
+        rank = (self._store_rank if store is not None else self.reuse_model.neutral_log_chance()) \
+            + self._blocks_touched * self._per_block
+        move = self._recency.move_to_end if self.uses_recency else None
+        while node.parent is not None:
+            node.last_access = now
+            node.freq += 1
+            if store is not None:
+                node.reuse_owner = store
+            if rank > node.reuse_value:
+                node.reuse_value = rank
+                if not node.pin_count:
+                    self._rank(node)
+            if move is not None and not node.pin_count:
+                move(node)
+            node = node.parent
+
+    def _touch_match_reuse(self, node: RadixNode, now: float) -> None:
+        self.reuse_model.credit(node.reuse_owner)
+        self._touch_reuse(node, now)
+
+    def touch_matches(self, nodes: list[RadixNode], now: float) -> None:
+        """``touch_match`` for each of a batch's matched nodes, in order."""
+        if self.uses_reuse:
+            credit = self.reuse_model.credit
+            for node in nodes:
+                credit(node.reuse_owner)
+        self.touch_many(nodes, now)
+
+    def attach(self, capacity_blocks: int, block_size: int) -> None:
+        """The index's capacity and block size (``reuse`` measures recency in turnovers)."""
+        if capacity_blocks < 1 or block_size < 1:
+            raise InvalidArgument(f"capacity_blocks and block_size must be >= 1, got {capacity_blocks}, {block_size}")
+        self._per_block = 1.0 / (REUSE_HORIZON_TURNOVERS * capacity_blocks)
+        self._block_size = block_size
+
+    def begin_store(self, generated_tokens: int | None, extends_prefix: bool) -> ReuseRecord | None:
+        """The touches until :meth:`end_store` belong to one stored request (``reuse``: ranked
+        by the chance of its bucket, and owned by its record, returned; else None)."""
+        if not self.uses_reuse:
+            return None
+        model = self.reuse_model
+        bucket = model.bucket(generated_tokens, extends_prefix)
+        self._store = ReuseRecord(bucket)
+        self._store_rank = model.log_chance(bucket)
+        return self._store
+
+    def end_store(self, stored: bool, extended: RadixNode | None = None) -> None:
+        """The store is over: if it ``stored``, count it, and credit the request that last
+        stored ``extended`` (the node its prompt's cached prefix ended in); a failed store
+        changes nothing."""
+        record, self._store = self._store, None
+        if record is not None and stored:
+            self.reuse_model.count(record)
+            if extended is not None:
+                self.reuse_model.credit(extended.reuse_owner)
+
+    def _rank(self, node: RadixNode) -> None:
+        """(Re)enter ``node`` in the rank heap under its current ``reuse_value``."""
+        key = (node.reuse_value, -node.end, node.node_id)
+        self._ranked[node] = key
+        heap = self._heap
+        heapq.heappush(heap, (*key, node))
+        if len(heap) > 4 * len(self._ranked) + 1024:  # mostly stale entries: rebuild
+            self._heap = [(*k, n) for n, k in self._ranked.items()]
+            heapq.heapify(self._heap)
+
     # --- victims -------------------------------------------------------------------------------
 
     def victim(self, now: float) -> RadixNode | None:
         """The next node to evict for capacity (``None``: nothing tracked). Does not remove it."""
-        if self.ttl_s is not None and self.uses_frequency:
+        if self.ttl_s is not None and (self.uses_frequency or self.uses_reuse):
             oldest = self.oldest()
             if oldest is not None and self.is_expired(oldest, now):
                 return oldest
         if self.uses_frequency:
             return self._least_frequent()
+        if self.uses_reuse:
+            return self._lowest_ranked()
         return next(iter(self._recency), None)
 
     def oldest(self) -> RadixNode | None:
@@ -282,6 +399,8 @@ class EvictionPolicy:
         """Every tracked node in capacity-eviction order, ignoring expiry (O(n); for tests)."""
         if self.uses_frequency:
             return [n for count in sorted(self._buckets) for n in self._buckets[count]]
+        if self.uses_reuse:
+            return sorted(self._ranked, key=self._ranked.__getitem__)
         return list(self._recency)
 
     def iter_recency(self) -> Iterator[RadixNode]:
@@ -298,6 +417,15 @@ class EvictionPolicy:
                 heapq.heappush(self._counts, count)
                 self._counts_in_heap.add(count)
         return bucket
+
+    def _lowest_ranked(self) -> RadixNode | None:
+        heap, ranked = self._heap, self._ranked
+        while heap:
+            rank, depth, node_id, node = heap[0]
+            if ranked.get(node) == (rank, depth, node_id):
+                return node
+            heapq.heappop(heap)
+        return None
 
     def _least_frequent(self) -> RadixNode | None:
         counts = self._counts

@@ -82,16 +82,28 @@ from kvcluster.core.radix_walk import (
     validated_items,
     walk_batch,
 )
+from kvcluster.core.reuse_model import StoredRequests
 from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array, check_token_range
 from kvcluster.errors import InvalidArgument, LeaseError
 
 logger = logging.getLogger(__name__)
 
+
+def check_generated_tokens(generated_tokens: object) -> int | None:
+    """``generated_tokens`` as an int (or None); :class:`InvalidArgument` unless it is an
+    integer >= 0 or None."""
+    if generated_tokens is None:
+        return None
+    if isinstance(generated_tokens, bool) or not isinstance(generated_tokens, int | np.integer) or generated_tokens < 0:
+        raise InvalidArgument(f"generated_tokens must be an integer >= 0 or None, got {generated_tokens!r}")
+    return int(generated_tokens)
+
 Int64Array = npt.NDArray[np.int64]
 #: Batch inserts of at least this many items pause the cyclic garbage collector.
 GC_PAUSE_ITEMS = 256
-# _insert_items creates leaves without the class call and sets each of these slots itself.
-assert len(RadixNode.__slots__) == 12, "RadixNode gained a slot: set it in _insert_items too"
+# The insert walks (radix_walk.py, _radixwalk.c) create leaves without the class call and set
+# each of these slots themselves.
+assert len(RadixNode.__slots__) == 14, "RadixNode gained a slot: set it in both insert walks too"
 EvictionListener = Callable[[EvictedBlock], None]
 
 
@@ -145,6 +157,11 @@ class PrefixIndex(PinsMixin):
         self._pool = pool
         self._bs = block_size
         self._policy = policy
+        policy.attach(pool.num_blocks, block_size)
+        # reuse: who stored what, to credit continuations of requests no longer cached
+        self._stored_requests = (
+            StoredRequests(block_size * ID_BYTES, pool.num_blocks) if policy.uses_reuse else None
+        )
         self._clock = clock if clock is not None else policy.clock
         self._bytes_per_block = bytes_per_block
         self._pin_budget = int(pin_budget_fraction * pool.num_blocks)
@@ -227,11 +244,13 @@ class PrefixIndex(PinsMixin):
             matched = pos = 0
         if matched < array.size:
             check_token_range(array, matched, self._vocab)
+        if self._stored_requests is not None:
+            self._credit_continued(query)
         self._lookup_tokens += array.size
         if not matched or node is None:
             self._misses += 1
             return PrefixMatch(namespace, 0, array.size, self._bs, b"", query)
-        self._policy.touch_path(node, self._clock())
+        self._policy.touch_match(node, self._clock())
         self._hits += 1
         self._hit_tokens += matched
         blocks = node.path_blocks[: -(-matched // self._bs) * ID_BYTES]
@@ -285,8 +304,11 @@ class PrefixIndex(PinsMixin):
             return MatchBatch(namespace, self._bs, buffer, bounds, bounds[:-1], [None] * count)
         shortest = max(self._min_prefix, 1) * ID_BYTES  # a hit matches at least this much
         positions, nodes, hit_nodes, hit_bytes = self._walk_batch(root, buffer, bounds, shortest)
+        if self._stored_requests is not None:
+            for i in range(count):
+                self._credit_continued(buffer[bounds[i] : bounds[i + 1]])
         hits = len(hit_nodes)
-        self._policy.touch_many(hit_nodes, self._clock())  # in order, as one call
+        self._policy.touch_matches(hit_nodes, self._clock())  # in order, as one call
         self._hits += hits
         self._misses += count - hits
         self._hit_tokens += hit_bytes >> 3
@@ -342,7 +364,12 @@ class PrefixIndex(PinsMixin):
     # --- inserts -------------------------------------------------------------------------------
 
     def insert(
-        self, tokens: TokenInput, block_ids: Sequence[int] | Int64Array, namespace: str = "default"
+        self,
+        tokens: TokenInput,
+        block_ids: Sequence[int] | Int64Array,
+        namespace: str = "default",
+        *,
+        generated_tokens: int | None = None,
     ) -> InsertResult:
         """Cache ``tokens`` whose K/V live in ``block_ids`` (``ceil(len(tokens) / block_size)``
         allocated blocks, e.g. an engine sequence's block table).
@@ -352,23 +379,60 @@ class PrefixIndex(PinsMixin):
         not already be cached for other tokens (a sequence that extends a cached prefix copies
         its shared partial block before writing, as the engine does). Sequences shorter than
         ``min_prefix_tokens`` are skipped. All or nothing.
+
+        ``generated_tokens``: how many tokens the request that produced ``tokens`` generated,
+        when the caller knows (the ``reuse`` policy learns from it which requests come back;
+        the others ignore it). An integer >= 0 or None.
         """
         if type(namespace) is not str:
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        generated_tokens = check_generated_tokens(generated_tokens)
         array = as_token_array(tokens)
         table = as_block_table(block_ids, -(-array.size // self._bs), self._pool.num_blocks)
         check_token_range(array, 0, self._vocab)
         self._check_allocated(table)
-        done = self._insert_validated([array.size], array.tobytes(), table.tobytes(), namespace)
+        done = self._insert_one(array.tobytes(), table.tobytes(), namespace, generated_tokens)
         return InsertResult(done.cached_tokens, done.new_tokens, done.adopted_blocks, done.splits > 0, done.skipped > 0)
 
-    def insert_trusted(self, token_bytes: bytes, block_ids: Int64Array, namespace: str = "default") -> InsertBatchResult:
+    def insert_trusted(self, token_bytes: bytes, block_ids: Int64Array, namespace: str = "default", *,
+                       generated_tokens: int | None = None) -> InsertBatchResult:
         """``insert`` without its O(tokens) validation, for a caller that guarantees what it
         checks: ``token_bytes`` are in-vocabulary token ids as native int64 bytes and
         ``block_ids`` an int64 array of exactly ``ceil(tokens / block_size)`` allocated blocks
         (the workload replay, which checked its prompts once and allocates its own blocks).
         The batch-wide checks that depend on the tree still run, all or nothing."""
-        return self._insert_validated([len(token_bytes) >> 3], token_bytes, block_ids.tobytes(), namespace)
+        generated_tokens = check_generated_tokens(generated_tokens)
+        return self._insert_one(token_bytes, block_ids.tobytes(), namespace, generated_tokens)
+
+    def _insert_one(self, token_bytes: bytes, blocks: bytes, namespace: str,
+                    generated_tokens: int | None) -> InsertBatchResult:
+        """One validated sequence, as one stored request for the policy (see ``insert``)."""
+        policy = self._policy
+        if not policy.uses_reuse:
+            return self._insert_validated([len(token_bytes) >> 3], token_bytes, blocks, namespace)
+        # The node the sequence's cached prefix ends in: its last storer is continued by this.
+        root = self._roots.get(namespace)
+        node, pos = self._descend(root, token_bytes, 0, len(token_bytes)) if root is not None else (None, 0)
+        extended = node if node is not None and pos >> 3 >= max(self._min_prefix, 1) else None
+        record = policy.begin_store(generated_tokens, extended is not None)
+        stored = False
+        try:
+            done = self._insert_validated([len(token_bytes) >> 3], token_bytes, blocks, namespace)
+            stored = not done.skipped
+            return done
+        finally:
+            policy.end_store(stored, extended)
+            if stored and record is not None and self._stored_requests is not None:
+                self._credit_continued(token_bytes)  # a store that continues one, unlooked-up
+                self._stored_requests.remember(token_bytes, record)
+
+    def _credit_continued(self, query: bytes) -> None:
+        """``reuse``: the remembered requests that ``query`` (a prompt's int64 bytes) starts
+        with were continued, whether or not their blocks are still cached."""
+        assert self._stored_requests is not None
+        credit = self._policy.reuse_model.credit
+        for record in self._stored_requests.continued_by(query):
+            credit(record)
 
     def insert_many(
         self,
@@ -571,6 +635,8 @@ class PrefixIndex(PinsMixin):
         )
         upper.freq = node.freq
         upper.last_access = node.last_access
+        upper.reuse_value = node.reuse_value
+        upper.reuse_owner = node.reuse_owner
         upper.pin_count = node.pin_count
         upper.terminal = False
         parent.children[node.key[:ID_BYTES]] = upper

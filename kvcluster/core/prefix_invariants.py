@@ -75,6 +75,13 @@ def check_index_invariants(index: PrefixIndex, *, deep: bool = True) -> None:
             parent = n.parent
             if parent is not None and parent.parent is not None and not parent.pin_count:
                 assert position[id(parent)] > position[id(n)], f"{parent} is ahead of its child {n}"
+        if policy.uses_reuse:
+            for n in seen.values():
+                parent = n.parent
+                if parent is not None and parent.parent is not None:
+                    assert parent.reuse_value >= n.reuse_value, f"{parent} ranks below its child {n}"
+            for n in tracked:
+                assert policy._ranked[n] == (n.reuse_value, -n.end, n.node_id), f"{n}'s rank entry is stale"
         if policy.uses_recency:
             recency = list(policy.iter_recency())
             times = [n.last_access for n in recency]

@@ -26,14 +26,21 @@ Nodes are plain slotted objects; the index owns them and keeps every invariant (
 
 from __future__ import annotations
 
+import math
 from types import MappingProxyType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:
+    from kvcluster.core.reuse_model import ReuseRecord
+
 #: Bytes per token id and per block id in keys and paths (native int64).
 ID_BYTES = 8
+
+#: The ``reuse_value`` of a node no use has ranked yet (below any rank a use gives).
+UNRANKED = -math.inf
 
 
 #: The children of every leaf: one shared, read-only empty mapping, so a leaf costs no dict
@@ -59,6 +66,8 @@ class RadixNode:
     ``last_access``/``freq``: recency (clock seconds) and use count, read by the policies.
     ``pin_count``: pins covering this node; a pinned node is never evicted.
     ``terminal``: an inserted sequence ends exactly here (what ``remove`` forgets).
+    ``reuse_value``/``reuse_owner``: for the ``reuse`` policy, the node's priority (never
+    lowered by a use) and the record of the last request that stored or touched it on a store.
     """
 
     __slots__ = (
@@ -72,6 +81,8 @@ class RadixNode:
         "parent",
         "path_blocks",
         "pin_count",
+        "reuse_owner",
+        "reuse_value",
         "start",
         "terminal",
     )
@@ -98,6 +109,8 @@ class RadixNode:
         self.freq = 0
         self.pin_count = 0
         self.terminal = True
+        self.reuse_value = UNRANKED
+        self.reuse_owner: ReuseRecord | None = None
 
     def __repr__(self) -> str:
         return (

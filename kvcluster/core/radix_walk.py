@@ -17,7 +17,7 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 
-from kvcluster.core.radix_node import ID_BYTES, RadixNode
+from kvcluster.core.radix_node import ID_BYTES, UNRANKED, RadixNode
 from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array
 from kvcluster.errors import InvalidArgument
 
@@ -240,6 +240,8 @@ def insert_walk(
         leaf.freq = 0
         leaf.pin_count = 0
         leaf.terminal = True
+        leaf.reuse_value = UNRANKED
+        leaf.reuse_owner = None
         children = parent.children
         if children:
             children[first] = leaf

@@ -30,7 +30,7 @@ def test_every_problem_is_reported_with_file_path_value(tmp_path: Path) -> None:
     assert str(path) in text
     assert "cache.block_size" in text and "(got -1)" in text
     assert "cache.bogus: unknown key" in text
-    assert "valid policies: lru, lfu, ttl" in text
+    assert "valid policies: lru, lfu, reuse, ttl" in text
     assert "tiers.cpu.capacity" in text and "parsecs" in text
 
 

@@ -7,6 +7,7 @@ import pytest
 from kvcluster.config import EVICTION_POLICIES
 from kvcluster.core.eviction import POLICY_NAMES, EvictionPolicy, make_policy, parse_policy_name
 from kvcluster.core.radix_node import RadixNode
+from kvcluster.core.reuse_model import ReuseRecord
 from kvcluster.errors import InvalidArgument
 
 
@@ -123,3 +124,82 @@ def test_touch_many_equals_touch_path(root: RadixNode) -> None:
 def test_bad_names_list_the_valid_policies(bad: object) -> None:
     with pytest.raises(InvalidArgument, match="lru"):
         make_policy(bad)  # type: ignore[arg-type]
+
+
+def test_reuse_ranks_a_store_by_its_bucket_and_never_lowers_a_rank(root: RadixNode) -> None:
+    policy = make_policy("reuse")
+    policy.attach(capacity_blocks=1000, block_size=8)
+    model = policy.reuse_model
+    # Short answers have come back, long ones have not.
+    for generated, continued in ((4, True), (4, True), (4, True), (700, False), (700, False), (700, False)):
+        record = policy.begin_store(generated, False)
+        assert record is not None
+        policy.end_store(stored=True)
+        if continued:
+            model.credit(record)
+    assert model.chances() == {(2, False): (3, 3), (9, False): (3, 0)}
+    head = node(1, root)
+    chat, one_off = node(2, head), node(3, head)
+    policy.track_many([head, chat, one_off])
+    policy.begin_store(4, False)
+    policy.touch_path(chat, 1.0)
+    policy.end_store(stored=True)
+    policy.begin_store(700, False)
+    policy.touch_path(one_off, 2.0)  # later, but far less likely to come back
+    policy.end_store(stored=True)
+    assert names(policy) == [3, 2, 1]  # the head keeps the chat's rank: it ranks last
+    assert head.reuse_value == chat.reuse_value > one_off.reuse_value
+    assert head.reuse_owner is one_off.reuse_owner  # the last store that touched it
+    rank = chat.reuse_value
+    policy.touch_path(chat, 3.0)  # a lookup: the chance of all requests, lower than the chat's
+    assert chat.reuse_value == rank and chat.last_access == 3.0
+    assert policy.victim(3.0) is one_off
+    policy.untrack(one_off)
+    assert policy.victim(3.0) is chat and names(policy) == [2, 1]
+
+
+def test_reuse_counts_only_stores_that_happened_and_credits_each_once(root: RadixNode) -> None:
+    policy = make_policy("reuse")
+    model = policy.reuse_model
+    record = policy.begin_store(None, True)
+    assert record is not None and record.bucket == (-1, True)
+    policy.end_store(stored=False)  # a failed store changes nothing
+    assert model.chances() == {}
+    first = policy.begin_store(10, False)
+    leaf = node(1, root)
+    policy.track(leaf)
+    policy.touch_path(leaf, 1.0)
+    policy.end_store(stored=True)
+    assert leaf.reuse_owner is first
+    policy.begin_store(10, True)
+    policy.end_store(stored=True, extended=leaf)  # extends what `first` stored
+    policy.touch_match(leaf, 2.0)  # and a lookup ending there again: credited once
+    assert model.chances() == {(3, False): (1, 1), (3, True): (1, 0)}
+    with pytest.raises(InvalidArgument, match="generated_tokens must be an integer >= 0 or None, got -1"):
+        policy.begin_store(-1, False)
+
+
+@pytest.mark.parametrize("name", ["reuse+lru", "lfu+reuse+ttl"])
+def test_reuse_combines_with_ttl_only(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="cannot be combined; pick one of lru, lfu and reuse"):
+        make_policy(name)
+    assert make_policy("ttl+reuse", ttl_s=5.0).name == "reuse+ttl"
+
+
+def test_reuse_with_ttl_evicts_expired_nodes_first(root: RadixNode) -> None:
+    policy = make_policy("reuse+ttl", ttl_s=10.0)
+    for bucket, continued in (((2, False), True), ((9, False), False)) * 3:
+        record = ReuseRecord(bucket)
+        policy.reuse_model.count(record)
+        if continued:
+            policy.reuse_model.credit(record)
+    old, new = node(1, root), node(2, root)
+    policy.track_many([old, new])
+    policy.begin_store(4, False)
+    policy.touch_path(old, 0.0)
+    policy.end_store(stored=True)
+    policy.begin_store(700, False)
+    policy.touch_path(new, 5.0)
+    policy.end_store(stored=True)
+    assert policy.victim(6.0) is new  # by rank: the long answer is unlikely to come back...
+    assert policy.victim(10.0) is old  # ...but old has expired

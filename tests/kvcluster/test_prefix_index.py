@@ -570,7 +570,7 @@ def test_unknown_policy_names_list_the_valid_ones(name: str) -> None:
     with pytest.raises(InvalidArgument, match="lru") as info:
         make_policy(name)
     if "unknown" in str(info.value):
-        assert "lru, lfu, ttl" in str(info.value)
+        assert "lru, lfu, reuse, ttl" in str(info.value)
     with pytest.raises(InvalidArgument):
         PrefixIndex(BlockPool(4), 4, policy=name)
 

@@ -64,7 +64,8 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class PrefixCacheMachine(RuleBasedStateMachine):
-    @initialize(policy=st.sampled_from(["lru", "lfu", "lru+ttl", "lfu+ttl"]), native=st.booleans())
+    @initialize(policy=st.sampled_from(["lru", "lfu", "reuse", "lru+ttl", "lfu+ttl", "reuse+ttl"]),
+                native=st.booleans())
     def build(self, policy: str, native: bool) -> None:
         self.clock = FakeClock()
         self.engine = PagedKVEngine(SPEC, block_size=BLOCK, num_blocks=BLOCKS, max_context=MAX_CONTEXT)
@@ -94,7 +95,9 @@ class PrefixCacheMachine(RuleBasedStateMachine):
 
     def _insert(self, seq: SequenceId) -> None:
         ns, tokens = self.live[seq]
-        self.index.insert(self.engine.tokens(seq), self.engine.block_table(seq), ns)
+        # Generated lengths vary so the reuse policy ranks stores differently.
+        self.index.insert(self.engine.tokens(seq), self.engine.block_table(seq), ns,
+                          generated_tokens=len(tokens) * 37 % 1000)
         self._sync_evictions()
         self.inserted[ns].add(tuple(tokens))
         self.guaranteed[ns].add(tuple(tokens))

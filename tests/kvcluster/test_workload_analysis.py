@@ -133,7 +133,7 @@ def test_default_sizes_reach_the_unbounded_hit_rate() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"policies": ("lru+ttl",)}, "TTL"), ({"policies": ("mru",)}, "lru, lfu, ttl"), ({"policies": ()}, "policy"),
+    [({"policies": ("lru+ttl",)}, "TTL"), ({"policies": ("mru",)}, "lru, lfu, reuse, ttl"), ({"policies": ()}, "policy"),
      ({"block_size": 0}, "block_size"), ({"target": 0}, "target"), ({"cache_sizes": [0]}, "cache sizes")],
 )
 def test_bad_parameters(kwargs: dict, message: str) -> None:
