@@ -36,6 +36,7 @@ import numpy.typing as npt
 import torch
 
 from kvcluster.config import KVClusterConfig
+from kvcluster.core.prefix_index import check_generated_tokens
 from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable, UnknownPrompt
 from kvcluster.kv_payload import KVPayload
 from kvcluster.migration import MigrationDecision, MigrationPlanner
@@ -404,22 +405,27 @@ class KVClient:
         *,
         result: RouteResult | None = None,
         node: str | None = None,
+        generated_tokens: int | None = None,
     ) -> StoreResult:
         """Cache ``kv`` for ``tokens``.
 
         With ``result`` (from :meth:`route_and_lookup` on the same tokens' prefix), ``kv``
         covers ``tokens[result.matched_tokens:]`` and the node reuses the prefix its lease
         pins; otherwise ``kv`` covers all of ``tokens`` and goes to ``node`` or the routed one.
+        ``generated_tokens``: how many tokens the request generated, if known; a node whose
+        eviction policy is ``reuse`` learns from it which requests come back.
         """
-        handle, args, ids = self._store_request(tokens, kv, namespace, result, node)
+        handle, args, ids = self._store_request(tokens, kv, namespace, result, node, generated_tokens)
         reply = StoreReply.from_wire(self._call_with_prompt(handle, "store", args, namespace, ids))
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
 
     def _store_request(
-        self, tokens: Any, kv: torch.Tensor, namespace: str, result: RouteResult | None, node: str | None
+        self, tokens: Any, kv: torch.Tensor, namespace: str, result: RouteResult | None, node: str | None,
+        generated_tokens: int | None,
     ) -> tuple[NodeHandle, tuple[Any, ...], bytes]:
         """Check a store's arguments; return the node's handle, the call's leading arguments
         and the prompt's id bytes."""
+        generated_tokens = check_generated_tokens(generated_tokens)
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         start = 0
         lease_id = None
@@ -437,7 +443,7 @@ class KVClient:
         if node is None:
             node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
         payload = KVPayload.from_tensor(kv)
-        return self._nodes[node], (payload, lease_id), prompt_ids(token_ids, self._wire_dtype)
+        return self._nodes[node], (payload, lease_id, generated_tokens), prompt_ids(token_ids, self._wire_dtype)
 
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
         layers, comps, _, heads, dim = self._spec.page_shape(1)
@@ -509,12 +515,13 @@ class KVClient:
         *,
         result: RouteResult | None = None,
         node: str | None = None,
+        generated_tokens: int | None = None,
     ) -> StoreResult:
         """The asyncio form of :meth:`store`."""
         if result is None and node is None:  # routing asks the registry: off the event loop
             token_ids = as_tokens(tokens, self._spec.vocab_size)
             node = (await asyncio.to_thread(self._decide, token_ids, namespace, None, set(), migrate=False))[0].node_id
-        handle, args, ids = self._store_request(tokens, kv, namespace, result, node)
+        handle, args, ids = self._store_request(tokens, kv, namespace, result, node, generated_tokens)
         reply = StoreReply.from_wire(await self._acall_with_prompt(handle, "store", args, namespace, ids))
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
 
@@ -581,10 +588,12 @@ class ChatSession:
         return result
 
     def complete(self, result: RouteResult, response_tokens: Any, kv: torch.Tensor) -> StoreResult:
-        """Store the turn: ``kv`` covers the prompt's remaining tokens and the response."""
-        full = np.concatenate([result.tokens, np.asarray(response_tokens, dtype=np.int64)])
+        """Store the turn: ``kv`` covers the prompt's remaining tokens and the response (whose
+        length is the turn's generated length, for a node that learns from it)."""
+        response = np.asarray(response_tokens, dtype=np.int64)
+        full = np.concatenate([result.tokens, response])
         try:
-            stored = self._client.store(full, kv, self.namespace, result=result)
+            stored = self._client.store(full, kv, self.namespace, result=result, generated_tokens=int(response.size))
         finally:
             self._client.release(result)
         self.history = full

@@ -165,8 +165,8 @@ class InstrumentedNode:
         return reply
 
     def store(self, tokens: Any, payload: KVPayload | None, namespace: str = "default",
-              lease_id: str | None = None) -> StoreReply:
-        reply = self.node.store(tokens, payload, namespace, lease_id)
+              lease_id: str | None = None, generated_tokens: int | None = None) -> StoreReply:
+        reply = self.node.store(tokens, payload, namespace, lease_id, generated_tokens)
         self.metrics.stored_tokens.labels(self.node.node_id).inc(reply.new_tokens)
         return reply
 

@@ -74,10 +74,11 @@ class NodeActor:
     def fetch(self, lease_id: str, namespace: str | None = None) -> KVPayload:
         return self._engine.fetch(lease_id, namespace)
 
-    def store(self, payload: KVPayload | None, lease_id: str | None, *prompt_wire: bytes) -> tuple[Any, ...]:
+    def store(self, payload: KVPayload | None, lease_id: str | None, generated_tokens: int | None,
+              *prompt_wire: bytes) -> tuple[Any, ...]:
         """A :class:`StoreReply` in its wire form."""
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
-        return self._node.store(tokens, payload, namespace, lease_id).to_wire()
+        return self._node.store(tokens, payload, namespace, lease_id, generated_tokens).to_wire()
 
     def release(self, lease_id: str | None) -> bool:
         """Release ``lease_id``; ``None`` (an export that found nothing) is a no-op."""

@@ -36,7 +36,7 @@ from kvcluster.config import KVClusterConfig
 from kvcluster.core.eviction import make_policy
 from kvcluster.core.kv_engine import PagedKVEngine
 from kvcluster.core.page_buffer import PageRows
-from kvcluster.core.prefix_index import PrefixIndex
+from kvcluster.core.prefix_index import PrefixIndex, check_generated_tokens
 from kvcluster.core.prefix_records import EvictedBlock, Lease, PrefixMatch
 from kvcluster.core.token_input import as_token_array, check_token_range
 from kvcluster.errors import InvalidKV, InvalidTokens, PageCorrupt
@@ -292,9 +292,13 @@ class NodeEngine:
         payload: KVPayload | None,
         namespace: str = "default",
         lease_id: str | None = None,
+        generated_tokens: int | None = None,
     ) -> StoreReply:
         """Cache ``tokens``; ``payload`` holds the K/V of the tokens after the leased prefix
-        (all of them without a lease). Publishes the full blocks to the registry."""
+        (all of them without a lease). Publishes the full blocks to the registry.
+        ``generated_tokens``: what the request generated, if known (the ``reuse`` policy
+        learns from it)."""
+        generated_tokens = check_generated_tokens(generated_tokens)
         token_ids = self._tokens(tokens)
         kv = payload.to_tensor(self._device) if payload is not None else None
         bs = self._block_size
@@ -316,7 +320,7 @@ class NodeEngine:
                     new = [*spilled, kv] if kv is not None else spilled
                     kv = torch.cat(new, dim=2)
             reply = self._cache_sequence(token_ids, namespace, kv=kv, shared_blocks=shared_blocks,
-                                         shared_tokens=shared_tokens)
+                                         shared_tokens=shared_tokens, generated_tokens=generated_tokens)
         self._finish()
         return reply
 
@@ -324,7 +328,7 @@ class NodeEngine:
                         kv: torch.Tensor | None = None,
                         kv_pages: PageRows | None = None,
                         shared_blocks: npt.NDArray[np.int64] | None = None,
-                        shared_tokens: int = 0) -> StoreReply:
+                        shared_tokens: int = 0, generated_tokens: int | None = None) -> StoreReply:
         """Under ``_lock``: write the K/V into fresh blocks, hand them to the prefix index,
         queue their stored events. The temporary sequence is always freed."""
         seq = self._engine.create_sequence(
@@ -333,7 +337,7 @@ class NodeEngine:
         )
         try:
             block_table = self._engine.block_table(seq)
-            inserted = self._index.insert(token_ids, block_table, namespace)
+            inserted = self._index.insert(token_ids, block_table, namespace, generated_tokens=generated_tokens)
         finally:
             self._engine.free(seq)
         published = self._register_blocks(token_ids, block_table, namespace)

@@ -354,15 +354,14 @@ class EvictionPolicy:
         self._store_rank = model.log_chance(bucket)
         return self._store
 
-    def end_store(self, stored: bool, extended: RadixNode | None = None) -> None:
-        """The store is over: if it ``stored``, count it, and credit the request that last
-        stored ``extended`` (the node its prompt's cached prefix ended in); a failed store
-        changes nothing."""
+    def end_store(self, stored: bool, extended: ReuseRecord | None = None) -> None:
+        """The store is over: if it ``stored``, count it, and credit ``extended`` (the record
+        of the request that last stored where this one's cached prefix ended, read before
+        the store's touches made this one the owner); a failed store changes nothing."""
         record, self._store = self._store, None
         if record is not None and stored:
             self.reuse_model.count(record)
-            if extended is not None:
-                self.reuse_model.credit(extended.reuse_owner)
+            self.reuse_model.credit(extended)
 
     def _rank(self, node: RadixNode) -> None:
         """(Re)enter ``node`` in the rank heap under its current ``reuse_value``."""

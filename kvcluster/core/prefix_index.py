@@ -413,15 +413,16 @@ class PrefixIndex(PinsMixin):
         # The node the sequence's cached prefix ends in: its last storer is continued by this.
         root = self._roots.get(namespace)
         node, pos = self._descend(root, token_bytes, 0, len(token_bytes)) if root is not None else (None, 0)
-        extended = node if node is not None and pos >> 3 >= max(self._min_prefix, 1) else None
-        record = policy.begin_store(generated_tokens, extended is not None)
+        extends = node is not None and pos >> 3 >= max(self._min_prefix, 1)
+        previous = node.reuse_owner if extends and node is not None else None
+        record = policy.begin_store(generated_tokens, extends)
         stored = False
         try:
             done = self._insert_validated([len(token_bytes) >> 3], token_bytes, blocks, namespace)
             stored = not done.skipped
             return done
         finally:
-            policy.end_store(stored, extended)
+            policy.end_store(stored, previous)
             if stored and record is not None and self._stored_requests is not None:
                 self._credit_continued(token_bytes)  # a store that continues one, unlooked-up
                 self._stored_requests.remember(token_bytes, record)

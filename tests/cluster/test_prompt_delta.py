@@ -34,7 +34,7 @@ class FrameRecordingHandle(LocalNodeHandle):
 
     def call(self, method: str, *args: Any) -> Any:
         if method in ("lookup", "store"):
-            wire = args if method == "lookup" else args[2:]
+            wire = args if method == "lookup" else args[3:]  # after (payload, lease, generated)
             self._frames.append((self.node_id, method, sum(map(len, wire)), wire[0][1]))
         return super().call(method, *args)
 

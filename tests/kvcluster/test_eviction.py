@@ -172,7 +172,7 @@ def test_reuse_counts_only_stores_that_happened_and_credits_each_once(root: Radi
     policy.end_store(stored=True)
     assert leaf.reuse_owner is first
     policy.begin_store(10, True)
-    policy.end_store(stored=True, extended=leaf)  # extends what `first` stored
+    policy.end_store(stored=True, extended=leaf.reuse_owner)  # extends what `first` stored
     policy.touch_match(leaf, 2.0)  # and a lookup ending there again: credited once
     assert model.chances() == {(3, False): (1, 1), (3, True): (1, 0)}
     with pytest.raises(InvalidArgument, match="generated_tokens must be an integer >= 0 or None, got -1"):

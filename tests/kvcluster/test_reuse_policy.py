@@ -77,9 +77,9 @@ def test_a_continuation_is_credited_after_the_continued_request_was_evicted(nati
     first = list(range(100, 110))
     serve(index, first, 4)
     assert index.evict(16) == 3 and len(index) == 0  # nothing of it is cached any more
-    assert index.lookup(first + [7, 8, 9]).matched_tokens == 0
+    assert index.lookup([*first, 7, 8, 9]).matched_tokens == 0
     assert index.policy.reuse_model.chances() == {(2, False): (1, 1)}  # yet it came back
-    index.lookup(first + [7])  # credited once
+    index.lookup([*first, 7])  # credited once
     assert index.policy.reuse_model.chances() == {(2, False): (1, 1)}
     serve(index, [5, 6, 7, 8, 9], 4)  # diverges from the first block: no credit
     assert index.policy.reuse_model.chances() == {(2, False): (2, 1)}
@@ -143,3 +143,14 @@ def test_stored_requests_are_bounded_and_match_whole_prefixes_only() -> None:
     assert len(stored) == 2 and stored.continued_by(ids(1, 2, 6)) == []
     d.continued = True
     assert stored.continued_by(ids(7, 8, 1)) == []  # credited already
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_store_credits_the_request_it_extends_never_itself(native: bool) -> None:
+    index = make_index("reuse", 32, native)
+    first = index.pool.allocate(3)
+    assert first is not None
+    index.insert(list(range(12)), first, generated_tokens=4)
+    # A store (no lookup first) that extends it: its cached prefix ends in the first's node.
+    index.insert(list(range(20)), np.concatenate([first, index.pool.allocate(2)]), generated_tokens=700)
+    assert index.policy.reuse_model.chances() == {(2, False): (1, 1), (9, True): (1, 0)}
