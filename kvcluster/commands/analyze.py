@@ -1,6 +1,6 @@
 """``kvcluster analyze``: pre-flight analysis of a prompt workload for the prefix cache.
 
-    kvcluster analyze prompts.jsonl [--cache-sizes 64K,1M,8M] [--policies lru,lfu]
+    kvcluster analyze prompts.jsonl [--cache-sizes 64K,1M,8M] [--policies lru,lfu,reuse]
     kvcluster analyze texts.jsonl --tokenizer meta-llama/Llama-3.1-8B      (offline tokenizer)
     kvcluster analyze trace.jsonl [--expand-tokens] [--model llama-3-8b] [--plot out.png]
 
@@ -48,7 +48,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("file", type=Path, help="JSONL workload (tokens, text or a block trace)")
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer name or path for text prompts (offline)")
     parser.add_argument("--cache-sizes", help="comma-separated cache sizes in tokens, e.g. 256K,1M,4M")
-    parser.add_argument("--policies", default="lru,lfu", help="eviction policies to compare (default lru,lfu)")
+    parser.add_argument("--policies", default="lru,lfu,reuse",
+                        help="eviction policies to compare (default lru,lfu,reuse)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     parser.add_argument("--expand-tokens", action="store_true", help="analyse a block trace token by token")
     parser.add_argument("--top", type=int, default=10, help="shared prefixes to list (default 10)")

@@ -202,8 +202,10 @@ class _Replay:
         self.index = PrefixIndex(self.pool, block_size, policy=make_policy(policy)) if self.pool else None
         self.hit_tokens = 0
 
-    def feed(self, prompt: Int64Array, raw: bytes, num_tokens: int, symbol_tokens: int) -> None:
-        """Replay one prompt (``raw``: its ids as int64 bytes, shared by every replay)."""
+    def feed(self, prompt: Int64Array, raw: bytes, num_tokens: int, symbol_tokens: int,
+             generated_tokens: int | None = None) -> None:
+        """Replay one prompt (``raw``: its ids as int64 bytes, shared by every replay), whose
+        request generated ``generated_tokens`` (None: not known)."""
         index, pool = self.index, self.pool
         if index is None or pool is None:
             return
@@ -230,7 +232,8 @@ class _Replay:
             assert fresh is not None
             table = np.concatenate([match.block_ids[:full], fresh]) if full else fresh
             # The prompt was validated when the workload was read, the table is ours.
-            index.insert_trusted(raw if keep == size else raw[: keep * ID_BYTES], table)
+            index.insert_trusted(raw if keep == size else raw[: keep * ID_BYTES], table,
+                                 generated_tokens=generated_tokens)
             pool.decref_distinct(fresh)  # the "sequence" ends: the index holds the blocks now
         finally:
             if lease is not None:
@@ -253,7 +256,7 @@ def analyze_workload(
     *,
     block_size: int = 16,
     cache_sizes: Sequence[int] | None = None,
-    policies: Sequence[str] = ("lru", "lfu"),
+    policies: Sequence[str] = ("lru", "lfu", "reuse"),
     top: int = 10,
     target: float = 0.9,
     progress: Progress | None = None,
@@ -262,8 +265,9 @@ def analyze_workload(
 
     ``cache_sizes`` are in tokens (default: fractions of the unique tokens, up to all of
     them); the replay's block is ``block_size`` tokens, or one block id of a block trace
-    analysed at block granularity. ``policies``: ``lru`` and/or ``lfu`` (a TTL needs arrival
-    times the replay does not model). Raises :class:`InvalidArgument` for bad parameters.
+    analysed at block granularity. ``policies``: any of ``lru``, ``lfu`` and ``reuse`` (a TTL
+    needs arrival times the replay does not model); ``reuse`` learns from the generated
+    lengths the workload gives, if any. Raises :class:`InvalidArgument` for bad parameters.
     """
     workload = prompts if isinstance(prompts, Workload) else Workload.from_prompts(list(prompts))
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
@@ -274,10 +278,10 @@ def analyze_workload(
     for policy in policies:
         parts = parse_policy_name(policy)
         if "ttl" in parts:
-            raise InvalidArgument(f"policy {policy!r}: a TTL needs arrival times; analyse with lru or lfu")
+            raise InvalidArgument(f"policy {policy!r}: a TTL needs arrival times; analyse with lru, lfu or reuse")
         names.append("+".join(parts))
     if not names:
-        raise InvalidArgument("name at least one policy (lru, lfu)")
+        raise InvalidArgument("name at least one policy (lru, lfu, reuse)")
     if cache_sizes is not None:
         bad = [s for s in cache_sizes if isinstance(s, bool) or not isinstance(s, int) or s <= 0]
         if bad or not cache_sizes:
@@ -313,21 +317,22 @@ def analyze_workload(
     done = 0
     trie = PromptTrie()
     unique = 0
-    for array, num_tokens in zip(workload, workload.num_tokens):
+    generated = workload.generated()
+    for array, num_tokens, output in zip(workload, workload.num_tokens, generated):
         raw = array.tobytes()
         matched = trie.add(raw)
         unique += num_tokens - min(matched * symbol_tokens, num_tokens)
         for replay in replays:
-            replay.feed(array, raw, num_tokens, symbol_tokens)
+            replay.feed(array, raw, num_tokens, symbol_tokens, output)
         done += num_tokens
         if progress is not None:
             progress(done, work)
     if two_passes:
         replays = replays_for(default_sizes(trie.footprint_blocks(block_tokens, symbol_tokens)))
-        for array, num_tokens in zip(workload, workload.num_tokens):
+        for array, num_tokens, output in zip(workload, workload.num_tokens, generated):
             raw = array.tobytes()
             for replay in replays:
-                replay.feed(array, raw, num_tokens, symbol_tokens)
+                replay.feed(array, raw, num_tokens, symbol_tokens, output)
             done += num_tokens
             if progress is not None:
                 progress(done, work)

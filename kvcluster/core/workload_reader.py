@@ -10,6 +10,10 @@ Each line of the file is one JSON object, all of one kind:
   tokens), or expanded into ``block_tokens`` deterministic token ids per block id, seeded by
   the id (:func:`expand_hash_ids`), when token-level detail is wanted.
 
+Any line may also say how many tokens its request generated (``output_length``, as Mooncake's
+traces do, or ``generated_tokens``): the ``reuse`` eviction policy learns from it which
+requests come back. A non-negative integer; absent means unknown.
+
 A :class:`Workload` keeps what it read in compact form (a trace stays a list of block ids;
 expansion happens on each iteration), so memory follows the input, not the expanded tokens.
 """
@@ -78,6 +82,12 @@ class Workload:
     kind: str
     expand: bool = False
     block_tokens: int = TRACE_BLOCK_TOKENS
+    #: ``generated_tokens[i]``: what prompt ``i``'s request generated (None: not known).
+    generated_tokens: tuple[int | None, ...] | None = None
+
+    def generated(self) -> tuple[int | None, ...]:
+        """Each prompt's generated length, None where the workload did not say."""
+        return self.generated_tokens if self.generated_tokens is not None else (None,) * len(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -103,7 +113,7 @@ class Workload:
         """This trace analysed at token level (each block id expanded into its tokens)."""
         if self.kind != "trace":
             raise InvalidWorkload(f"only a block trace can be expanded into tokens, this is {self.kind!r}")
-        return Workload(self.records, self.num_tokens, self.kind, True, self.block_tokens)
+        return Workload(self.records, self.num_tokens, self.kind, True, self.block_tokens, self.generated_tokens)
 
     @classmethod
     def from_prompts(cls, prompts: Sequence[Sequence[int] | Int64Array]) -> Workload:
@@ -130,6 +140,7 @@ def read_workload(
         raise InvalidWorkload(f"{file}: cannot read the workload: {exc.strerror or exc}") from None
     records: list[Int64Array] = []
     lengths: list[int] = []
+    generated: list[int | None] = []
     kind = None
     with handle:
         for number, line in enumerate(handle, start=1):
@@ -145,6 +156,7 @@ def read_workload(
             if not isinstance(record, dict):
                 raise InvalidWorkload(f"{where}: each line must be a JSON object")
             line_kind = _kind_of(record, where)
+            generated.append(_generated_length(record, where))
             if kind is None:
                 kind = line_kind
             elif line_kind != kind:
@@ -176,7 +188,18 @@ def read_workload(
     if not records:
         raise InvalidWorkload(f"{file}: no prompts in the workload")
     assert kind is not None
-    return Workload(tuple(records), tuple(lengths), kind, False, block_tokens)
+    known = any(g is not None for g in generated)
+    return Workload(tuple(records), tuple(lengths), kind, False, block_tokens, tuple(generated) if known else None)
+
+
+def _generated_length(record: dict[str, object], where: str) -> int | None:
+    for field in ("output_length", "generated_tokens"):
+        if field in record:
+            value = record[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidWorkload(f"{where}: '{field}' must be an integer >= 0, got {value!r}")
+            return value
+    return None
 
 
 def _kind_of(record: dict[str, object], where: str) -> str:

@@ -38,7 +38,7 @@ def test_counts_unique_tokens_and_shared_prefixes() -> None:
     top = [(p.tokens, p.prompts, p.saved_tokens, p.preview) for p in analysis.top_prefixes]
     assert top == [(3, 3, 6, (1, 2, 3)), (4, 2, 4, (1, 2, 3, 4))]
     # A cache large enough for everything serves exactly what an unbounded one does.
-    assert [p.hit_tokens for p in analysis.curve] == [7, 7]
+    assert [p.hit_tokens for p in analysis.curve] == [7, 7, 7]  # lru, lfu, reuse
 
 
 def test_replay_follows_the_eviction_policy() -> None:
@@ -152,6 +152,8 @@ def test_bad_parameters(kwargs: dict, message: str) -> None:
         ('{"tokens": []}\n', "non-empty"),
         ('{"tokens": [1.5]}\n', "integers"),
         ('{"prompt": [1]}\n', "expected a 'tokens'"),
+        ('{"tokens": [1], "output_length": -4}\n', ":1: 'output_length' must be an integer >= 0, got -4"),
+        ('{"tokens": [1], "generated_tokens": "7"}\n', "'generated_tokens' must be an integer >= 0"),
         ("\n", "no prompts"),
     ],
 )
@@ -160,6 +162,31 @@ def test_bad_workload_files_name_the_line(tmp_path: Path, content: str, message:
     path.write_text(content)
     with pytest.raises(InvalidWorkload, match=message):
         read_workload(path)
+
+
+def test_generated_lengths_reach_the_reuse_replay(tmp_path: Path) -> None:
+    sample = read_workload(SAMPLE, limit=5)
+    assert sample.generated()[:2] == (36, 54)  # the trace's output_length
+    path = tmp_path / "chats.jsonl"
+    # Chats whose first turns (short answers) come back, among one-offs with long answers
+    # that never do: only the generated lengths tell them apart at store time.
+    lines = []
+    for r in range(40):
+        first = list(range(1000 * r, 1000 * r + 12))
+        lines.append({"tokens": first, "generated_tokens": 4})
+        lines.append({"tokens": list(range(1000 * r + 100, 1000 * r + 112)), "generated_tokens": 700})
+        lines.append({"tokens": list(range(1000 * r + 200, 1000 * r + 212)), "generated_tokens": 700})
+        lines.append({"tokens": first + list(range(1000 * r + 50, 1000 * r + 58)), "generated_tokens": 4})
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    workload = read_workload(path)
+    assert workload.generated()[:4] == (4, 700, 700, 4)
+    analysis = analyze_workload(workload, block_size=4, cache_sizes=[28])
+    assert analysis.hit_rate(28, "lru") == 0
+    assert analysis.hit_rate(28, "reuse") > 0.5 * analysis.infinite_hit_rate
+    assert analysis.recommended_policy == "reuse"
+    unhinted = analyze_workload(Workload(workload.records, workload.num_tokens, "tokens"), block_size=4,
+                                cache_sizes=[28], policies=("reuse",))
+    assert unhinted.hit_rate(28, "reuse") < analysis.hit_rate(28, "reuse")
 
 
 def test_text_prompts_use_the_given_tokenizer(tmp_path: Path) -> None:
@@ -190,7 +217,7 @@ def test_cli_prints_tables_and_writes_plot_and_json(tmp_path: Path, capsys: pyte
     data = json.loads(report.read_text())
     expected = analyze_workload(read_workload(SAMPLE, limit=50))
     assert data["total_tokens"] == expected.total_tokens and data["unique_tokens"] == expected.unique_tokens
-    assert len(data["curve"]) == 14
+    assert len(data["curve"]) == 21  # 7 sizes x lru, lfu, reuse
 
 
 def test_cli_token_level_with_given_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
