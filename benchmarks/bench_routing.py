@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import shutil
 import socket
 import subprocess
@@ -49,6 +50,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from benchmarks.report_table import print_table
+from kvcluster.sim_cache import IndexBlockCache
 from routing.block_hashing import BlockHashArray, BlockHasher
 from routing.config import RegistryConfig
 from routing.redis_registry import RedisPrefixRegistry
@@ -306,6 +308,23 @@ def bench_simulator(trace: Path | None, quick: bool) -> list[Row]:
          "target": "<= 50", "met": router.overhead_us_mean <= 50},
         {"name": "  tokens saved, router", "value": router.tokens_saved, "unit": "tokens",
          "baseline": "infinite single cache", "baseline_value": report.infinite_tokens_saved},
+        *engine_reuse_rows(requests, report.config, 100 * router.hit_rate / inf),
+    ]
+
+
+def engine_reuse_rows(requests: list[TraceRequest], config: SimulationConfig, lru_share: float) -> list[Row]:
+    """The same replay with each node caching in the node engine's own prefix index under
+    its ``reuse`` policy (told each request's generated length), as ``kvcluster simulate
+    --node-cache index:reuse`` runs it."""
+    report = simulate(requests, config, ("router",), cache_factory=functools.partial(IndexBlockCache, policy="reuse"))
+    router = report.result("router")
+    return [
+        {"name": "  router, nodes on the engine's index with the reuse policy / infinite",
+         "value": 100 * router.hit_rate / report.infinite_hit_rate, "unit": "%",
+         "baseline": "router with the simulator's LRU nodes / infinite", "baseline_value": lru_share,
+         "target": ">= 95", "met": router.hit_rate >= 0.95 * report.infinite_hit_rate},
+        {"name": "  load imbalance, router with reuse nodes", "value": router.imbalance, "unit": "x",
+         "baseline": "-", "target": "<= 1.10", "met": router.imbalance <= 1.10},
     ]
 
 

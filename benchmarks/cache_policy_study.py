@@ -486,8 +486,9 @@ class NodeCache:
     def leading_hits(self, ids: Sequence[int]) -> int:
         return leading(self.cache, tuple(ids))
 
-    def insert(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
-        chain = tuple(ids)
+    def insert(self, ids: Sequence[int], generated_tokens: int | None = None,
+               ) -> tuple[list[int], list[tuple[int, int, int]]]:
+        chain = tuple(ids)  # the learned policy reads the request's generated length itself
         self.cache.access(chain, self.requests)
         self.requests += 1
         family = chain[0] if chain else 0

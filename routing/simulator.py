@@ -19,7 +19,9 @@ output_tokens / decode_tps`` seconds; a node's in-flight count is what it report
 
 The per-node cache is pluggable (``cache_factory``: capacity -> a :class:`BlockCache`), so a
 study can replay the cluster with another eviction policy; :class:`LRUBlockCache` is the
-default and the only one shipped.
+default. ``kvcluster simulate --node-cache index:POLICY`` replays with the node engine's own
+prefix index instead (:class:`kvcluster.sim_cache.IndexBlockCache`), its eviction policy
+told each request's generated length.
 
 Reported per policy: block hit rate, tokens saved, load imbalance (max / mean requests per
 node) and the routing overhead per request (for the router: :meth:`Router.route_hashes`
@@ -109,9 +111,11 @@ class BlockCache(Protocol):
         """How many leading blocks of ``ids`` are cached."""
         ...
 
-    def insert(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
-        """Store/touch a served chain; returns (depths newly stored, evicted (id, family,
-        depth)): exactly what the node publishes to the registry."""
+    def insert(self, ids: Sequence[int], generated_tokens: int | None = None,
+               ) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Store/touch a served chain whose request generated ``generated_tokens``; returns
+        (depths newly stored, evicted (id, family, depth)): exactly what the node publishes
+        to the registry."""
         ...
 
 
@@ -144,8 +148,10 @@ class LRUBlockCache:
             count += 1
         return count
 
-    def insert(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
-        """Store/touch a chain; returns (depths newly stored, evicted (id, family, depth))."""
+    def insert(self, ids: Sequence[int], generated_tokens: int | None = None,
+               ) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Store/touch a chain; returns (depths newly stored, evicted (id, family, depth)).
+        LRU has no use for ``generated_tokens``."""
         blocks = self._blocks
         family = ids[0] if ids else 0
         new: list[int] = []
@@ -358,7 +364,7 @@ class SimulatedCluster:
         cache = self.caches[node]
         ids = request.block_ids
         hits = cache.leading_hits(ids)
-        stored, evicted = cache.insert(ids)
+        stored, evicted = cache.insert(ids, request.output_tokens)
         if self.registry is not None and (stored or evicted):
             self._publish(node, keys, stored, evicted)
         uncached = max(0, request.input_tokens - hits * self.config.block_tokens)

@@ -2,12 +2,16 @@
 
     kvcluster simulate [--trace FILE] [--nodes 8] [--capacity-fraction 0.05] [--config FILE]
                        [--prefill-tokens-per-s 10000] [--decode-tokens-per-s 30] [--seed 0]
-                       [--limit N] [--policies router,round_robin,random,consistent_hash] [--json]
+                       [--limit N] [--policies router,round_robin,random,consistent_hash]
+                       [--node-cache lru|index:lru|index:lfu|index:reuse] [--json]
 
 The trace is Mooncake-format JSONL (``timestamp`` ms, ``input_length``, ``output_length``,
 ``hash_ids`` of 512-token blocks); by default ``../shared/traces/synthetic_trace.jsonl`` when
-it exists. Each node caches ``--capacity-fraction`` of the trace's unique blocks (LRU). The
-router's settings come from ``router:`` in ``--config``. Prints, per policy, the block hit
+it exists. Each node caches ``--capacity-fraction`` of the trace's unique blocks: in the
+simulator's block LRU (``--node-cache lru``, the default), or in the node engine's own prefix
+index under one of its eviction policies (``index:lru``, ``index:lfu``, ``index:reuse``; the
+last learns from each request's generated length). The router's settings come from
+``router:`` in ``--config``. Prints, per policy, the block hit
 rate, its share of an infinite single cache's, tokens saved, load imbalance (max / mean
 requests per node) and routing overhead per request.
 """
@@ -15,6 +19,7 @@ requests per node) and routing overhead per request.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -22,9 +27,12 @@ from typing import Any
 
 from kvcluster.commands.options import add_config_option, config_from
 from kvcluster.errors import InvalidArgument
+from kvcluster.sim_cache import INDEX_CACHE_PREFIX, IndexBlockCache
 from routing.simulator import (
     MOONCAKE_BLOCK_TOKENS,
     POLICIES,
+    CacheFactory,
+    LRUBlockCache,
     SimulationConfig,
     SimulationReport,
     load_mooncake_trace,
@@ -66,6 +74,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--limit", type=int, help="replay only the first N requests")
     parser.add_argument("--policies", default=",".join(POLICIES),
                         help=f"comma-separated subset of {','.join(POLICIES)}")
+    parser.add_argument("--node-cache", default="lru", metavar="CACHE",
+                        help="each node's cache: lru (the simulator's, default) or index:POLICY "
+                        "(the node engine's prefix index; POLICY lru, lfu or reuse)")
     add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
@@ -89,9 +100,21 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         router=config_from(args).router,
     )
-    report = simulate(load_mooncake_trace(trace, limit=args.limit), config, policies)
+    report = simulate(load_mooncake_trace(trace, limit=args.limit), config, policies,
+                      cache_factory=node_cache_factory(args.node_cache))
     print(json.dumps(report_as_dict(report, trace), indent=2) if args.json else report.table())
     return 0
+
+
+def node_cache_factory(name: str) -> CacheFactory:
+    """The simulated nodes' cache called ``name`` (see the module docstring)."""
+    if name == "lru":
+        return LRUBlockCache
+    if name.startswith(INDEX_CACHE_PREFIX):
+        policy = name[len(INDEX_CACHE_PREFIX):]
+        IndexBlockCache(1, policy)  # a bad policy name fails here, before the replay
+        return functools.partial(IndexBlockCache, policy=policy)
+    raise InvalidArgument(f"--node-cache must be lru or index:POLICY (lru, lfu or reuse), got {name!r}")
 
 
 def report_as_dict(report: SimulationReport, trace: Path) -> dict[str, Any]:

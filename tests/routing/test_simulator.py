@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Sequence
@@ -12,9 +13,11 @@ import pytest
 
 from kvcluster.cli import main
 from kvcluster.errors import InvalidArgument
+from kvcluster.sim_cache import IndexBlockCache
 from routing.config import RegistryConfig
 from routing.memory_registry import InMemoryRegistry
 from routing.simulator import (
+    CacheFactory,
     LRUBlockCache,
     SimulatedCluster,
     SimulationConfig,
@@ -73,12 +76,18 @@ def test_lru_cache_evicts_tails_first() -> None:
         LRUBlockCache(0)
 
 
-def test_registry_mirrors_every_node_cache() -> None:
+@pytest.mark.parametrize("cache_factory", [
+    LRUBlockCache,
+    functools.partial(IndexBlockCache, policy="reuse"),
+    functools.partial(IndexBlockCache, policy="lfu"),
+], ids=["lru", "index:reuse", "index:lfu"])
+def test_registry_mirrors_every_node_cache(cache_factory: CacheFactory) -> None:
     """After each request, the registry's answer for a node equals that node's cache."""
     requests = load_mooncake_trace(SAMPLE, limit=120)
     registry = InMemoryRegistry(RegistryConfig(index_stride_blocks=1, entry_ttl_s=1e9, node_ttl_s=1e9,
                                                heartbeat_interval_s=1))
-    cluster = SimulatedCluster(SimulationConfig(nodes=3), capacity=60, registry=registry)
+    cluster = SimulatedCluster(SimulationConfig(nodes=3), capacity=60, registry=registry,
+                               cache_factory=cache_factory)
     rng = np.random.default_rng(0)
     for request in requests:
         cluster.advance(request.timestamp_s)
@@ -89,6 +98,7 @@ def test_registry_mirrors_every_node_cache() -> None:
             for node_id, cache in cluster.caches.items():
                 hits = cache.leading_hits(probe.block_ids)
                 assert (answer[node_id].num_blocks if node_id in answer else 0) == hits
+                assert len(cache) <= 60
 
 
 def test_infinite_cache_is_the_brute_force() -> None:
@@ -129,7 +139,8 @@ class _NoCache:
     def leading_hits(self, ids: Sequence[int]) -> int:
         return 0
 
-    def insert(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[int, int, int]]]:
+    def insert(self, ids: Sequence[int], generated_tokens: int | None = None,
+               ) -> tuple[list[int], list[tuple[int, int, int]]]:
         return [], []
 
 
@@ -156,6 +167,21 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["requests"] == 60 and set(report["policies"]) == {"router", "round_robin"}
     assert sum(report["policies"]["router"]["requests_per_node"]) == 60
     assert report["config"]["nodes"] == 4
+
+
+def test_cli_replays_with_the_engine_s_index(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["simulate", "--trace", str(SAMPLE), "--policies", "router", "--json"]
+    assert main([*args, "--node-cache", "index:reuse"]) == 0
+    reuse = json.loads(capsys.readouterr().out)["policies"]["router"]
+    assert main([*args, "--node-cache", "index:lru"]) == 0
+    lru = json.loads(capsys.readouterr().out)["policies"]["router"]
+    assert lru["hit_rate"] > 0 and reuse["hit_rate"] > 0 and lru != reuse
+    assert main([*args, "--node-cache", "index:mru"]) == 2
+    assert "unknown eviction policy 'mru'" in capsys.readouterr().err
+    assert main([*args, "--node-cache", "arc"]) == 2
+    assert "--node-cache must be lru or index:POLICY" in capsys.readouterr().err
+    assert main([*args, "--node-cache", "index:lru+ttl"]) == 2
+    assert "has no use for a TTL" in capsys.readouterr().err
 
 
 def test_cli_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
