@@ -83,7 +83,8 @@ def replay(client: KVClient, config: KVClusterConfig, settings: DemoSettings, ta
             if not torch.equal(cached, expected[:, :, : cached.shape[2]]):
                 tally.mismatches += 1
             start = time.perf_counter()
-            client.store(full, expected[:, :, result.matched_tokens :], result=result)
+            client.store(full, expected[:, :, result.matched_tokens :], result=result,
+                         generated_tokens=int(request.response.size))  # the reuse policy learns from it
             tally.record("store", time.perf_counter() - start)
         finally:
             client.release(result)

@@ -75,7 +75,8 @@ class KVClientLike(Protocol):
     def fetch(self, result: Any) -> torch.Tensor: ...
 
     def store(
-        self, tokens: Any, kv: torch.Tensor, namespace: str = ..., *, result: Any = ...
+        self, tokens: Any, kv: torch.Tensor, namespace: str = ..., *, result: Any = ...,
+        generated_tokens: int | None = ...,
     ) -> Any: ...
 
     def release(self, result: Any) -> Any: ...
@@ -391,7 +392,8 @@ def generate(
             if len(seen) > matched:
                 new_kv = kv_from_cache(cache, start=matched).to(device="cpu", dtype=kv_dtype)
                 try:
-                    client.store(seen, new_kv, namespace=namespace, result=result)
+                    client.store(seen, new_kv, namespace=namespace, result=result,
+                                 generated_tokens=len(generated))
                     stored = len(seen) - matched
                 except CapacityError as exc:
                     logger.warning("not caching %s tokens in %s: %s", len(seen), namespace, exc)

@@ -425,8 +425,10 @@ class RecordingClient:
         self.calls.append("fetch")
         return torch.empty(3, 2, 0, 2, 8)
 
-    def store(self, tokens: Any, kv: torch.Tensor, namespace: str = "default", result: Any = None) -> None:
+    def store(self, tokens: Any, kv: torch.Tensor, namespace: str = "default", result: Any = None,
+              generated_tokens: int | None = None) -> None:
         self.calls.append("store")
+        self.generated_tokens = generated_tokens
         if self.store_error is not None:
             raise self.store_error
 
@@ -479,6 +481,7 @@ def test_a_full_cluster_still_returns_the_generation(gqa_model: Any) -> None:
     result = generate(gqa_model, [1, 2, 3], client, max_new_tokens=2)
     assert result.stored_tokens == 0 and len(result.tokens) == 2
     assert client.calls == ["route_and_lookup", "fetch", "store", "release"]
+    assert client.generated_tokens == 2  # the store reported the generated length
 
 
 def test_a_node_lost_before_release_still_returns_the_generation(gqa_model: Any) -> None:
