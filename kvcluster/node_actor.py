@@ -15,10 +15,11 @@ from typing import Any
 import ray
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.errors import InvalidKV, KVClusterError, NodeUnavailable
+from kvcluster.errors import InvalidKV
 from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.metrics import InstrumentedNode, NodeMetrics
 from kvcluster.node_engine import NodeEngine
+from kvcluster.node_handles import get_result
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply
 from kvcluster.prompt_memory import PromptMemory
 from kvcluster.registry_factory import build_registry
@@ -120,23 +121,9 @@ class NodeActor:
         return self._node.import_prefix(tokens, payload, namespace)
 
     def _receive(self, ref: ray.ObjectRef) -> Any:
-        """The object behind ``ref``, waited for through the raylet first (see
-        :meth:`kvcluster.node_handles.RayNodeHandle.resolve`), for at most a lease's life:
-        the source pins the pages only that long."""
-        limit = self._lease_ttl_s
-        try:
-            ready, _ = ray.wait([ref], timeout=limit, fetch_local=True)
-            if not ready:
-                raise NodeUnavailable(f"the pages of a pull did not arrive within {limit} s")
-            return ray.get(ref, timeout=limit)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, KVClusterError):
-                raise cause from None
-            raise NodeUnavailable(f"the export of a pull failed: {exc}") from None
-        except ray.exceptions.RayError as exc:
-            raise NodeUnavailable(f"the pages of a pull are unreachable: {type(exc).__name__}: {exc}") from None
-
+        """The pages behind ``ref``, waited for through the raylet first, for at most a
+        lease's life: the source pins them only that long."""
+        return get_result(ref, self._lease_ttl_s, "the export of a pull", wait_local=True)
 
     def drain_spills(self) -> bool:
         self._engine.drain_spills(timeout_s=60)

@@ -58,6 +58,40 @@ class LocalNodeHandle:
 OBJECT_STORE_REPLIES = frozenset({"fetch"})
 
 
+def get_result(ref: Any, timeout_s: float | None, source: str, *, wait_local: bool = False) -> Any:
+    """The object behind ``ref`` (the result of ``source``, named in errors). A cluster error
+    raised there comes back as itself; any other failure, or no result within ``timeout_s``,
+    as :class:`NodeUnavailable`.
+
+    ``wait_local``: first wait, without taking the object store's client lock, until the
+    object is on this node. Why: a ``ray.get`` of an object-store result that is not local
+    yet holds the process's plasma-client lock for up to a second per retry while the object
+    is pulled. With many threads fetching at once, the core worker's own I/O thread starves
+    on that lock (it takes it to release buffers), and that thread also answers the location
+    requests the very pulls are waiting for: the process stalled for minutes in a 128-thread
+    load test (Ray 2.60). ``ray.wait(fetch_local=True)`` waits through the raylet instead,
+    so the get that follows finds the object local and holds the lock only briefly.
+    """
+    try:
+        if wait_local:
+            ready, _ = ray.wait([ref], timeout=timeout_s, fetch_local=True)
+            if not ready:
+                raise NodeUnavailable(f"{source} did not answer within {timeout_s} s")
+        return ray.get(ref, timeout=timeout_s)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+        raise _as_cluster_error(exc, source) from None
+
+
+def _as_cluster_error(exc: Exception, source: str) -> KVClusterError:
+    """What a failed Ray call of ``source`` means to a caller."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.as_instanceof_cause()
+        if isinstance(cause, KVClusterError):
+            return cause
+        return NodeUnavailable(f"{source} failed: {exc}")
+    return NodeUnavailable(f"{source} is unavailable: {type(exc).__name__}")
+
+
 class RayNodeHandle:
     concurrent = True
 
@@ -77,41 +111,12 @@ class RayNodeHandle:
 
     def resolve(self, pending: Any, *, wait_local: bool = False) -> Any:
         """The call's result; ``wait_local``: first wait, without taking the object store's
-        client lock, until the result is on this node.
-
-        Why: a ``ray.get`` of an object-store result that is not local yet holds the
-        process's plasma-client lock for up to a second per retry while the object is
-        pulled. With many client threads fetching at once, the core worker's own I/O thread
-        starves on that lock (it takes it to release buffers), and that thread also answers
-        the location requests the very pulls are waiting for: the process stalled for minutes
-        in a 128-thread load test (Ray 2.60). ``ray.wait(fetch_local=True)`` waits through
-        the raylet instead, so the get that follows finds the object local and holds the
-        lock only briefly.
-        """
-        try:
-            if wait_local:
-                ready, _ = ray.wait([pending], timeout=self._timeout_s, fetch_local=True)
-                if not ready:
-                    raise NodeUnavailable(
-                        f"node {self.node_id} did not answer within {self._timeout_s} s"
-                    )
-            return ray.get(pending, timeout=self._timeout_s)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, KVClusterError):
-                raise cause from None
-            raise NodeUnavailable(f"node {self.node_id} failed: {exc}") from None
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            raise NodeUnavailable(f"node {self.node_id} is unavailable: {type(exc).__name__}") from None
+        client lock, until the result is on this node (see :func:`get_result`)."""
+        return get_result(pending, self._timeout_s, f"node {self.node_id}", wait_local=wait_local)
 
     async def acall(self, method: str, *args: Any) -> Any:
         ref = self.submit(method, *args)
         try:
             return await ref
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, KVClusterError):
-                raise cause from None
-            raise NodeUnavailable(f"node {self.node_id} failed: {exc}") from None
-        except ray.exceptions.RayError as exc:
-            raise NodeUnavailable(f"node {self.node_id} is unavailable: {type(exc).__name__}") from None
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            raise _as_cluster_error(exc, f"node {self.node_id}") from None
