@@ -173,6 +173,9 @@ def bench_long_lookup(samples: int) -> list[Row]:
     index.insert(prompt, pool.allocate(tokens // BLOCK))
     assert index.lookup(prompt).matched_tokens == tokens
     as_list = prompt.tolist()
+    reuse_pool = BlockPool(tokens // BLOCK + 16)  # the same prompt under the reuse policy
+    reuse_index = PrefixIndex(reuse_pool, BLOCK, policy="reuse")
+    reuse_index.insert(prompt, reuse_pool.allocate(tokens // BLOCK), generated_tokens=100)
 
     # vLLM-style baseline: hash the 2,048 blocks as a chain, probe a dict per block.
     blocks = prompt.reshape(-1, BLOCK)
@@ -207,12 +210,16 @@ def bench_long_lookup(samples: int) -> list[Row]:
         index.lookup(prompt)
     gc.collect()
     array_p50, array_p99 = sample(lambda: index.lookup(prompt), samples)
+    for _ in range(50):
+        reuse_index.lookup(prompt)
+    reuse_p50, _ = sample(lambda: reuse_index.lookup(prompt), samples)
     list_p50, list_p99 = sample(lambda: index.lookup(as_list), max(20, samples // 10))
     hash_p50, hash_p99 = sample(hashed_lookup, max(20, samples // 20))
     baseline = "hash-then-lookup: xxhash chain of 2,048 blocks + dict probes"
     return [
         _row("32K-token cached lookup p50 (int64 numpy array)", array_p50, "us", baseline, hash_p50, "<= 25 us", array_p50 <= 25),
         _row("32K-token cached lookup p99 (int64 numpy array)", array_p99, "us", baseline, hash_p99, "-", None),
+        _row("32K-token cached lookup p50, reuse policy", reuse_p50, "us", "the same with lru", array_p50, "-", None),
         _row("32K-token cached lookup p50 (Python list input)", list_p50, "us", "the same prompt as a numpy array", array_p50, "one conversion", None),
         _row("32K-token cached lookup p99 (Python list input)", list_p99, "us", "the same prompt as a numpy array", array_p99, "-", None),
     ]
