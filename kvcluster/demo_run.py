@@ -31,6 +31,9 @@ class DemoSettings:
     nodes: int | None = None
     conversations: int = 150
     turns: int = 6
+    #: Distinct system prompts the chats start from. The router keeps each on one node (its
+    #: cache affinity), so with only a few, one of three nodes could stay idle for the run.
+    system_prompts: int = 12
     redis_url: str | None = None
     seed: int = 0
 
@@ -68,7 +71,7 @@ def replay(client: KVClient, config: KVClusterConfig, settings: DemoSettings, ta
     kv_model = SyntheticKV(config.model, seed=settings.seed)
     workload = chat_workload(
         conversations=settings.conversations, turns=settings.turns,
-        vocab_size=config.model.vocab_size, seed=settings.seed,
+        system_prompts=settings.system_prompts, vocab_size=config.model.vocab_size, seed=settings.seed,
     )
     for index, request in enumerate(workload):
         full = np.concatenate([request.prompt, request.response])
