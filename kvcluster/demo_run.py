@@ -32,7 +32,9 @@ class DemoSettings:
     conversations: int = 150
     turns: int = 6
     #: Distinct system prompts the chats start from. The router keeps each on one node (its
-    #: cache affinity), so with only a few, one of three nodes could stay idle for the run.
+    #: cache affinity) and places each on the ring by its first block, so with only a few
+    #: one of three nodes often stayed idle for the run (3 runs of 3 with 4 prompts; 1 of 6
+    #: with 12: the requests come one at a time, so no load signal spreads the placements).
     system_prompts: int = 12
     redis_url: str | None = None
     seed: int = 0
