@@ -80,6 +80,7 @@ def check_index_invariants(index: PrefixIndex, *, deep: bool = True) -> None:
                 parent = n.parent
                 if parent is not None and parent.parent is not None:
                     assert parent.reuse_value >= n.reuse_value, f"{parent} ranks below its child {n}"
+            assert len(policy._ranked) == len(tracked), "the rank heap holds untracked nodes"
             for n in tracked:
                 assert policy._ranked[n] == (n.reuse_value, -n.end, n.node_id), f"{n}'s rank entry is stale"
         if policy.uses_recency:
