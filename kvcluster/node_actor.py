@@ -126,8 +126,8 @@ class NodeActor:
         return get_result(ref, self._lease_ttl_s, "the export of a pull", wait_local=True)
 
     def drain_spills(self) -> bool:
-        self._engine.drain_spills(timeout_s=60)
-        return True
+        """Wait for queued spills and the tier moves they set off (False: still moving)."""
+        return self._engine.drain_spills(timeout_s=60)
 
     def sync_registry(self) -> bool:
         """Wait until the registry has every event queued so far (an import publishes in the

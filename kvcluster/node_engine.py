@@ -422,9 +422,15 @@ class NodeEngine:
                 self._publisher.add(event)
         self._publisher.flush()
 
-    def drain_spills(self, timeout_s: float | None = None) -> None:
-        """Wait until every eviction queued so far is written to the spill tiers."""
+    def drain_spills(self, timeout_s: float | None = None) -> bool:
+        """Wait until every eviction queued so far is written to the spill tiers, and the
+        moves between tiers they set off (a full host tier demoting to NVMe) are done; False
+        if those moves are still running after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._spill_writer.submit(lambda: None).result(timeout=timeout_s)
+        if self._spill is None:
+            return True
+        return self._spill.store.wait_idle(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # --- migration ---------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -355,6 +357,39 @@ def test_evicted_blocks_are_published_on_their_spill_tier_or_removed(
         assert holding.gpu_blocks == kept.blocks_per_tier.get("gpu", 0)
         assert holding.cpu_blocks == kept.blocks_per_tier.get("cpu", 0) > 0
         node.check_invariants()
+    finally:
+        node.shutdown()
+
+
+def test_drain_spills_waits_for_the_demotions_the_spills_set_off(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A host tier of 16 pages that demotes to NVMe above half full: once drain_spills returns,
+    # the pages it moved are on NVMe, with no move left running (a restart would find them).
+    config = KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 64},
+        "tiers": {"cpu": {"capacity": f"{16 * 16 * 512}B"},
+                  "nvme": {"enabled": True, "paths": [str(tmp_path)], "capacity": "4MiB", "io_threads": 1},
+                  "high_watermark": 0.5, "low_watermark": 0.25},
+        "registry": {"index_stride_blocks": 1},
+    })
+    node = NodeEngine("n0", config, registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+    assert node._spill is not None
+    store = node._spill.store
+    execute = store._execute
+
+    def slow_move(plan: Any) -> Any:  # moves that take a while, as on a busy disk
+        time.sleep(0.1)
+        return execute(plan)
+
+    monkeypatch.setattr(store, "_execute", slow_move)
+    try:
+        for i in range(8):
+            store_all(node, kv_model, np.arange(160) + 10000 + 200 * i)
+        assert node.drain_spills(timeout_s=30)
+        assert store.wait_idle(timeout=0)  # nothing still moving
+        assert node.stats().tiers["nvme"]["pages_used"] > 0
     finally:
         node.shutdown()
 
