@@ -15,7 +15,9 @@ from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.connection import connect
 from kvcluster.deploy import Deployment, deploy, find_nodes, undeploy
+from kvcluster.node_types import LookupReply
 from kvcluster.synthetic_kv import SyntheticKV
+from kvcluster.token_wire import prompt_to_wire
 from tests.cluster.conftest import RedisServer, wait_until
 
 pytestmark = [pytest.mark.ray_cluster, pytest.mark.redis, pytest.mark.slow]
@@ -101,7 +103,18 @@ def test_killed_node_routes_elsewhere_and_restarts_warm(
         filler = np.arange(160) + 4000 + 200 * i
         client.store(filler, kv_model.kv(filler), node=victim_node)
     assert ray.get(find_nodes(NAMESPACE)[victim_node].drain_spills.remote())
-    assert wait_until(lambda: client.node_stats()[victim_node].tiers["nvme"]["pages_used"] >= 10)
+    victim = client.node_handle(victim_node)
+
+    def prompt_tiers() -> dict[str, int]:
+        """Where the victim holds the prompt's blocks (a lookup there, released at once)."""
+        reply = LookupReply.from_wire(victim.call("lookup", *prompt_to_wire("default", prompt, np.dtype("<i8"))))
+        if reply.lease_id is not None:
+            victim.call("release", reply.lease_id)
+        return dict(reply.blocks_per_tier)
+
+    # The restart can only recover what is on NVMe: the whole prompt must be there first.
+    assert wait_until(lambda: prompt_tiers().get("nvme", 0) == 10), (
+        prompt_tiers(), client.node_stats()[victim_node].tiers)
 
     actor = find_nodes(NAMESPACE)[f"{victim_node}"]
     ray.kill(actor, no_restart=True)
@@ -125,7 +138,7 @@ def test_killed_node_routes_elsewhere_and_restarts_warm(
                 recovered = again.blocks_per_tier.get("nvme", 0) + again.blocks_per_tier.get("cpu", 0)
                 return again.node_id == victim_node and recovered > 0
 
-        assert wait_until(served_from_nvme), seen
+        assert wait_until(served_from_nvme), (seen, restarted.node_stats()[victim_node].tiers)
         with restarted.lookup(prompt) as again:
             kv = restarted.fetch(again)
             assert torch.equal(kv, kv_model.kv(prompt)[:, :, : kv.shape[2]])
