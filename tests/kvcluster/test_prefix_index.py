@@ -620,24 +620,3 @@ def test_a_trusted_insert_builds_the_same_tree_and_keeps_the_tree_checks() -> No
     trusted.check_invariants()
     assert trusted.peek(np.arange(200, 232)) == 0
 
-
-
-@pytest.mark.parametrize("policy", ["lru", "lfu", "reuse"])
-def test_an_eviction_takes_only_the_tail_it_needs_of_a_long_leaf(policy: str) -> None:
-    cache = make_cache(policy=policy)
-    # The long leaf must be the first victim: the older one under lru and lfu; under reuse
-    # the later one (the first store, not continued, lowers the chance of the second).
-    stores = [(range(64), "long"), (range(1000, 1008), "other")]  # 16 blocks, 2 blocks
-    tables = {name: cache.store(tokens) for tokens, name in (stores if policy != "reuse" else stores[::-1])}
-    long, other = tables["long"], tables["other"]
-    before = snapshot(cache)
-    assert cache.index.evict(3) == 3
-    assert cache.evicted_tokens() == [list(range(52, 56)), list(range(56, 60)), list(range(60, 64))]
-    assert cache.pool.ref_counts(long).tolist() == [1] * 13 + [0] * 3
-    assert cache.index.peek(np.arange(64)) == 52 and cache.index.peek(np.arange(1000, 1008)) == 8
-    cache.index.check_invariants()
-    # The prefix it kept is still first in line: the next eviction continues with its tail.
-    assert cache.index.evict(2) == 2
-    assert cache.index.peek(np.arange(64)) == 44 and cache.pool.ref_counts(other).tolist() == [1, 1]
-    assert cache.index.stats().nodes == 2 and snapshot(cache) != before
-    cache.index.check_invariants()
