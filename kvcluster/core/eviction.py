@@ -189,16 +189,6 @@ class EvictionPolicy:
             self._rank(node)
         self._size += 1
 
-    def track_as_oldest(self, node: RadixNode) -> None:
-        """Add ``node`` at the front of its order: the prefix left by a partial eviction of
-        the front leaf, so the next eviction continues with it (``reuse`` ranks it by the
-        value it inherited, which the dropped tail shared)."""
-        self.track(node)
-        if self.uses_recency:
-            self._recency.move_to_end(node, last=False)
-        if self.uses_frequency:
-            self._buckets[node.freq].move_to_end(node, last=False)
-
     def track_many(self, nodes: list[RadixNode]) -> None:
         """``track`` each of ``nodes`` in order."""
         if self.uses_recency:

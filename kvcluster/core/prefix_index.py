@@ -692,7 +692,7 @@ class PrefixIndex(PinsMixin):
             if node is None:
                 break
             if self._evictable(node, pending):
-                freed += self._drop(self._tail_of(node, num_blocks - freed, now), reason, pending)
+                freed += self._drop(node, reason, pending)
             elif skips_left:
                 skips_left -= 1
                 policy.touch_path(node, now)
@@ -700,24 +700,6 @@ class PrefixIndex(PinsMixin):
                 break
         self._release(pending)
         return freed
-
-    def _tail_of(self, leaf: RadixNode, blocks: int, now: float) -> RadixNode:
-        """The part of evictable ``leaf`` to drop for ``blocks`` more blocks: the leaf itself,
-        or, when it owns more, its last ``blocks`` blocks, split off at a block boundary.
-
-        A 32K-token prompt is one leaf of 2,048 blocks; dropping all of it to make room for a
-        few blocks would throw away far more cache than asked (and spill it all). The prefix
-        that stays keeps the leaf's place in the eviction order, so the next eviction takes
-        its tail first. At a block boundary no block straddles the two parts, so references
-        need no change."""
-        low, high = leaf.own_block_range(self._bs)
-        if high - low <= blocks:
-            return leaf
-        at = (high - blocks) * self._bs  # > leaf.start, since high - blocks > low
-        upper = self._split(leaf, at, now, track=False)
-        self._nodes += 1
-        self._policy.track_as_oldest(upper)
-        return leaf
 
     def evict_expired(self) -> int:
         """Evict every unreferenced leaf whose TTL has run out; return the blocks freed.
