@@ -36,7 +36,7 @@ import numpy.typing as npt
 import torch
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.core.prefix_index import check_generated_tokens
+from kvcluster.core.reuse_model import check_generated_tokens
 from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable, UnknownPrompt
 from kvcluster.kv_payload import KVPayload
 from kvcluster.migration import MigrationDecision, MigrationPlanner

@@ -36,8 +36,9 @@ from kvcluster.config import KVClusterConfig
 from kvcluster.core.eviction import make_policy
 from kvcluster.core.kv_engine import PagedKVEngine
 from kvcluster.core.page_buffer import PageRows
-from kvcluster.core.prefix_index import PrefixIndex, check_generated_tokens
+from kvcluster.core.prefix_index import PrefixIndex
 from kvcluster.core.prefix_records import EvictedBlock, Lease, PrefixMatch
+from kvcluster.core.reuse_model import check_generated_tokens
 from kvcluster.core.token_input import as_token_array, check_token_range
 from kvcluster.errors import InvalidKV, InvalidTokens, PageCorrupt
 from kvcluster.kv_payload import KVPages, KVPayload, dtype_name

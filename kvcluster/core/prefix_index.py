@@ -82,21 +82,11 @@ from kvcluster.core.radix_walk import (
     validated_items,
     walk_batch,
 )
-from kvcluster.core.reuse_model import StoredRequests
+from kvcluster.core.reuse_model import StoredRequests, check_generated_tokens
 from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array, check_token_range
 from kvcluster.errors import InvalidArgument, LeaseError
 
 logger = logging.getLogger(__name__)
-
-
-def check_generated_tokens(generated_tokens: object) -> int | None:
-    """``generated_tokens`` as an int (or None); :class:`InvalidArgument` unless it is an
-    integer >= 0 or None."""
-    if generated_tokens is None:
-        return None
-    if isinstance(generated_tokens, bool) or not isinstance(generated_tokens, int | np.integer) or generated_tokens < 0:
-        raise InvalidArgument(f"generated_tokens must be an integer >= 0 or None, got {generated_tokens!r}")
-    return int(generated_tokens)
 
 Int64Array = npt.NDArray[np.int64]
 #: Batch inserts of at least this many items pause the cyclic garbage collector.

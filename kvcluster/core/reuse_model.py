@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter, OrderedDict
 
+import numpy as np
 import xxhash
 
 from kvcluster.errors import InvalidArgument
@@ -27,6 +28,16 @@ Bucket = tuple[int, bool]
 
 #: Length buckets above this one are merged (2**24 generated tokens is beyond any context).
 MAX_LENGTH_BUCKET = 24
+
+
+def check_generated_tokens(generated_tokens: object) -> int | None:
+    """``generated_tokens`` as an int (or None); :class:`InvalidArgument` unless it is an
+    integer >= 0 or None."""
+    if generated_tokens is None:
+        return None
+    if isinstance(generated_tokens, bool) or not isinstance(generated_tokens, int | np.integer) or generated_tokens < 0:
+        raise InvalidArgument(f"generated_tokens must be an integer >= 0 or None, got {generated_tokens!r}")
+    return int(generated_tokens)
 
 
 class ReuseRecord:
@@ -52,11 +63,10 @@ class ReuseModel:
     @staticmethod
     def bucket(generated_tokens: int | None, extends_prefix: bool) -> Bucket:
         """The bucket of a request that generated ``generated_tokens`` (None: unknown)."""
-        if generated_tokens is None:
+        length = check_generated_tokens(generated_tokens)
+        if length is None:
             return (-1, bool(extends_prefix))
-        if isinstance(generated_tokens, bool) or not isinstance(generated_tokens, int) or generated_tokens < 0:
-            raise InvalidArgument(f"generated_tokens must be an integer >= 0 or None, got {generated_tokens!r}")
-        return (min(int(math.log2(generated_tokens + 1)), MAX_LENGTH_BUCKET), bool(extends_prefix))
+        return (min(int(math.log2(length + 1)), MAX_LENGTH_BUCKET), bool(extends_prefix))
 
     def count(self, record: ReuseRecord) -> None:
         """Count a stored request (once it is stored: a failed store is not counted)."""
