@@ -102,11 +102,20 @@ class RouterConfig(BaseModel):
         default=64, gt=0, description="Points per node on the consistent-hash ring of the fallback."
     )
     fallback_choices: int = Field(
-        default=2,
+        default=4,
         ge=1,
         le=16,
-        description="With no cached prefix anywhere, take the least loaded of this many nodes "
-        "in the ring order of the first block (1 = plain consistent hashing).",
+        description="With no cached prefix anywhere, take one of this many nodes in the ring "
+        "order of the first block: the one this router sent the fewest recent requests, then "
+        "the least loaded (1 = plain consistent hashing).",
+    )
+    placement_half_life_requests: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="With no cached prefix anywhere, the ring choice this router sent the fewest "
+        "recent requests goes first; a request's weight in that count halves every this many "
+        "requests routed, so a node that joined late or was idle catches up within about as many.",
     )
     free_blocks_weight: float = Field(
         default=0.05,

@@ -15,7 +15,7 @@ from routing.block_hashing import BlockHashArray, BlockHasher
 from routing.config import RegistryConfig, RouterConfig
 from routing.memory_registry import InMemoryRegistry
 from routing.registry import BlockEvent, EventBatch, NodeLoad, PrefixHolding, Tier
-from routing.router import HashRing, Router, ring_key
+from routing.router import HashRing, RouteDecision, Router, ring_key
 from tests.routing.conftest import FakeClock
 
 HASHER = BlockHasher("xxh3_128", 4)
@@ -159,7 +159,7 @@ def test_requests_between_heartbeats_count_as_load() -> None:
 
 def test_no_match_uses_ring_affinity() -> None:
     nodes = [f"n{i}" for i in range(8)]
-    cluster = Cluster(nodes)
+    cluster = Cluster(nodes, fallback_choices=1)
     picks = {}
     for seed in range(200):
         chain = HASHER.hash_chain(tokens(seed, 3))
@@ -338,24 +338,112 @@ def test_new_prefixes_take_the_less_loaded_of_two_ring_choices() -> None:
     assert plain.router.route_hashes(chain).node_id == first
 
 
-def test_a_new_prefix_avoids_a_full_home_when_an_equally_loaded_choice_has_room() -> None:
+def test_new_prefixes_go_to_the_choice_sent_fewer_recent_requests() -> None:
     nodes = [f"n{i}" for i in range(4)]
     cluster = Cluster(nodes, fallback_choices=2)
+    chain = HASHER.hash_chain(tokens(16))
+    first, second = list(HashRing(nodes, 64).walk(ring_key(chain[0].tobytes())))[:2]
+    busy = HASHER.hash_chain(tokens(17))
+    cluster.hold(first, busy)
+    for _ in range(3):  # prefix hits on the home, no requests on the second choice
+        assert cluster.router.route_hashes(busy).node_id == first
+    # counts as of the last heartbeat: none seen yet, so the home still takes the new prefix
+    assert cluster.router.route_hashes(chain).node_id == first
+    for node in nodes:
+        cluster.load(node, 0)
+    decision = cluster.router.route_hashes(chain)
+    assert decision.node_id == second and decision.fallback == "no_match"
+    # between heartbeats the choice holds, so the prefix's next request finds what it stored
+    assert cluster.router.route_hashes(chain).node_id == second
+    # in-flight load only breaks ties in recent requests
+    for node in nodes:
+        cluster.load(node, 5 if node == second else 0)
+    assert cluster.router.route_hashes(chain).node_id == second
+
+
+def test_recent_request_counts_fade_with_the_half_life() -> None:
+    nodes = ["a", "b"]
+    cluster = Cluster(nodes, fallback_choices=2, placement_half_life_requests=10)
+    first, second = list(HashRing(nodes, 64).walk(ring_key(HASHER.hash_chain(tokens(18))[0].tobytes())))
+    old, new = HASHER.hash_chain(tokens(19)), HASHER.hash_chain(tokens(20))
+    cluster.hold(first, old)
+    cluster.hold(second, new)
+    chain = HASHER.hash_chain(tokens(18))
+
+    def place() -> str:
+        for node in nodes:
+            cluster.load(node, 0)
+        return cluster.router.route_hashes(chain).node_id
+
+    for _ in range(40):  # long ago: 40 requests to the home
+        cluster.router.route_hashes(old)
+    for _ in range(12):  # lately: 12 to the other node outweigh the 40 spread over four half-lives
+        cluster.router.route_hashes(new)
+    assert place() == first
+    # without the fading the 40 would still count in full
+    plain = Cluster(nodes, fallback_choices=2, placement_half_life_requests=1_000_000)
+    plain.hold(first, old)
+    plain.hold(second, new)
+    for chain_, times in ((old, 40), (new, 12)):
+        for _ in range(times):
+            plain.router.route_hashes(chain_)
+    for node in nodes:
+        plain.load(node, 0)
+    assert plain.router.route_hashes(chain).node_id == second
+
+
+def test_recent_counts_survive_rescaling() -> None:
+    nodes = ["a", "b"]
+    cluster = Cluster(nodes, fallback_choices=2, placement_half_life_requests=1)  # doubles per request
+    chain = HASHER.hash_chain(tokens(21))
+    first, second = list(HashRing(nodes, 64).walk(ring_key(chain[0].tobytes())))
+    on_first, on_second = HASHER.hash_chain(tokens(22)), HASHER.hash_chain(tokens(24))
+    cluster.hold(first, on_first)
+    cluster.hold(second, on_second)
+    for _ in range(2000):  # 2**2000 overflows a float unless the counts are rescaled
+        cluster.router.route_hashes(on_second)
+    for _ in range(3):  # the latest requests outweigh all before them (14 units to 2)
+        cluster.router.route_hashes(on_first)
+    for node in nodes:
+        cluster.load(node, 0)
+    # overflowed counts would both be inf, a tie that ring order gives to the home
+    assert cluster.router.route_hashes(chain).node_id == second
+
+
+def test_prompts_shorter_than_the_stride_keep_their_home_despite_recent_requests() -> None:
+    clock = FakeClock()
+    registry = InMemoryRegistry(RegistryConfig(index_stride_blocks=4), clock=clock)
+    epochs = {n: registry.register_node(n) for n in ("a", "b")}
+    router = Router(registry, RouterConfig(fallback_choices=2), HASHER, clock=clock)
+    short = HASHER.hash_chain(tokens(23))[:3]  # never indexed with a stride of 4
+    home = router.route_hashes(short).node_id
+    for _ in range(5):
+        clock.advance(0.01)
+        for node, epoch in epochs.items():
+            registry.heartbeat(node, epoch, NodeLoad(0, 0, 0))
+        assert router.route_hashes(short).node_id == home
+
+
+def test_a_new_prefix_avoids_a_full_home_when_an_equally_loaded_choice_has_room() -> None:
+    nodes = [f"n{i}" for i in range(4)]
     chain = HASHER.hash_chain(tokens(14))
     first, second = list(HashRing(nodes, 64).walk(ring_key(chain[0].tobytes())))[:2]
-    for node in nodes:  # the home has none of its blocks free, the others half
-        cluster.load(node, 0, free=0 if node == first else 50, total=100)
-    decision = cluster.router.route_hashes(chain)
+
+    def pick(loads: dict[str, tuple[int, int, int]]) -> RouteDecision:
+        cluster = Cluster(nodes, fallback_choices=2)  # fresh: no recent requests anywhere
+        for node in nodes:
+            cluster.load(node, *loads[node])
+        return cluster.router.route_hashes(chain)
+
+    # the home has none of its blocks free, the others half
+    decision = pick({n: (0, 0 if n == first else 50, 100) for n in nodes})
     assert decision.node_id == second and "ring affinity" in decision.reason
-    for node in nodes:  # every choice full: the home again
-        cluster.load(node, 0, free=0, total=100)
-    assert cluster.router.route_hashes(chain).node_id == first
-    for node in nodes:  # load comes before room
-        cluster.load(node, 0 if node == first else 2, free=0 if node == first else 50, total=100)
-    assert cluster.router.route_hashes(chain).node_id == first
-    for node in nodes:  # unknown capacity counts as room
-        cluster.load(node, 0)
-    assert cluster.router.route_hashes(chain).node_id == first
+    # every choice full: the home again
+    assert pick({n: (0, 0, 100) for n in nodes}).node_id == first
+    # load comes before room
+    assert pick({n: (0 if n == first else 2, 0 if n == first else 50, 100) for n in nodes}).node_id == first
+    # unknown capacity counts as room
+    assert pick({n: (0, 0, 0) for n in nodes}).node_id == first
 
 
 def test_concurrent_routing_keeps_counts() -> None:
