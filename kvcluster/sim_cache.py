@@ -5,7 +5,7 @@ real :class:`~kvcluster.core.prefix_index.PrefixIndex` under an eviction policy 
 (``lru``, ``lfu``, ``reuse``), rather than the simulator's own block LRU. A trace block id is
 one token of a 1-token block, so a node of ``capacity`` blocks holds ``capacity`` trace
 blocks, and each request's generated length reaches the policy as a store would carry it.
-The index evicts whole radix-tree leaves, so a node may free a little more than it needs.
+The index evicts the tail of a leaf that holds more than it needs, so a node frees what it needs.
 """
 
 from __future__ import annotations

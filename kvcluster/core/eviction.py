@@ -216,6 +216,12 @@ class EvictionPolicy:
             del self._ranked[node]
         self._size -= 1
 
+    def shortened(self, node: RadixNode) -> None:
+        """Tracked ``node`` lost the end of its edge (a partial eviction): it keeps its place,
+        except that ``reuse``, which breaks rank ties by depth, re-enters it at its new end."""
+        if self.uses_reuse:
+            self._rank(node)
+
     # --- uses ----------------------------------------------------------------------------------
     # ``touch_path(node, now)`` is bound in __init__ to the variant for this policy, so the hot
     # path of a lookup pays no dispatch. Each stamps ``node`` and every ancestor below the root,

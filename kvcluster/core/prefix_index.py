@@ -665,8 +665,12 @@ class PrefixIndex(PinsMixin):
         """Free at least ``num_blocks`` blocks by evicting unreferenced leaves in policy order;
         return how many were freed (fewer when nothing else can be evicted).
 
-        A leaf still in use (a sequence or lease holds one of its blocks) is skipped and counts
-        as used now. This is the engine's reclaimer (``engine.set_reclaimer(index.evict)``).
+        A leaf that holds more blocks than are still wanted loses only its last ones (it is
+        trimmed in place and stays first in line): a 32K-token prompt is one leaf of 2,048
+        blocks, and dropping all of it to make room for a few would throw away, and spill,
+        far more than asked. A leaf still in use (a sequence or lease holds one of its
+        blocks) is skipped and counts as used now. This is the engine's reclaimer
+        (``engine.set_reclaimer(index.evict)``).
         """
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int | np.integer) or num_blocks < 0:
             raise InvalidArgument(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
@@ -682,7 +686,12 @@ class PrefixIndex(PinsMixin):
             if node is None:
                 break
             if self._evictable(node, pending):
-                freed += self._drop(node, reason, pending)
+                wanted = num_blocks - freed
+                low, high = node.own_block_range(self._bs)
+                if high - low > wanted:
+                    freed += self._trim(node, wanted, reason, pending)
+                else:
+                    freed += self._drop(node, reason, pending)
             elif skips_left:
                 skips_left -= 1
                 policy.touch_path(node, now)
@@ -800,9 +809,12 @@ class PrefixIndex(PinsMixin):
         return bool(np.array_equal(self._pool.ref_counts_view()[own], self._tree_refs[own]))
 
     def _release(self, pending: list[Int64Array]) -> None:
-        if pending:
-            self._pool.decref(np.concatenate(pending) if len(pending) > 1 else pending[0])
-            pending.clear()
+        # Each array is one node's own blocks, all referenced by the tree and distinct; a block
+        # in two of them (straddling a parent and its child) is simply released twice.
+        decref = self._pool.decref_distinct
+        for blocks in pending:
+            decref(blocks)
+        pending.clear()
 
     def _drop(self, node: RadixNode, reason: EvictionReason, pending: list[Int64Array] | None = None) -> int:
         """Remove leaf ``node`` from the tree and drop its references; return the blocks this
@@ -810,24 +822,9 @@ class PrefixIndex(PinsMixin):
         release (only valid right after a positive ``_evictable``), else released at once."""
         assert not node.children, f"{node} still has children"
         self._drops += 1
-        bs = self._bs
-        low, high = node.own_block_range(bs)
+        low, high = node.own_block_range(self._bs)
         own = ids_from_bytes(node.path_blocks[low * ID_BYTES : high * ID_BYTES])
-        tree = self._tree_refs
-        last_ref = tree[own] == 1
-        sole = last_ref & (self._pool.ref_counts_view()[own] == 1)
-        freed = int(np.count_nonzero(sole))
-        if self._on_evict is not None and freed:
-            prefix = node.path_tokens()
-            for i in np.flatnonzero(sole).tolist():
-                index = low + i
-                self._on_evict(
-                    EvictedBlock(
-                        node.namespace, int(own[i]), index, index * bs, min((index + 1) * bs, node.end), reason, prefix
-                    )
-                )
-        tree[own] -= 1
-        self._blocks_used -= int(np.count_nonzero(last_ref))
+        freed = self._unreference(node, low, own, reason)
         if node.pin_count:  # only explicit removal (clear_namespace) drops pinned nodes
             self._pin_refs[own] -= 1
             self._pinned_blocks -= int(np.count_nonzero(self._pin_refs[own] == 0))
@@ -842,8 +839,53 @@ class PrefixIndex(PinsMixin):
         assert parent is not None
         del parent.children[node.key[:ID_BYTES]]
         self._nodes -= 1
-        self._evicted_blocks[reason] += freed
         self._evicted_nodes[reason] += 1
+        return freed
+
+    def _trim(self, leaf: RadixNode, blocks: int, reason: EvictionReason, pending: list[Int64Array]) -> int:
+        """Drop the last ``blocks`` blocks of ``leaf``, an evictable leaf that owns more, and
+        shorten its edge to the block boundary before them; return the blocks freed.
+
+        In place: the leaf keeps its identity and its place in the policy's order, so the
+        next eviction continues with what is left of it; its first block stays, so a block
+        it shares with its parent is untouched. No sequence ends where it now ends
+        (``terminal`` off). Cheaper than splitting the leaf and dropping the lower part: no
+        node is made and no child map changes."""
+        low, high = leaf.own_block_range(self._bs)
+        keep = high - blocks
+        assert low < keep < high, f"{leaf}: cannot trim {blocks} of its {high - low} blocks"
+        tail = ids_from_bytes(leaf.path_blocks[keep * ID_BYTES : high * ID_BYTES])
+        freed = self._unreference(leaf, keep, tail, reason)
+        pending.append(tail)
+        end = keep * self._bs
+        leaf.key = leaf.key[: (end - leaf.start) * ID_BYTES]
+        leaf.end = end
+        leaf.path_blocks = leaf.path_blocks[: keep * ID_BYTES]
+        leaf.terminal = False
+        self._policy.shortened(leaf)
+        return freed
+
+    def _unreference(self, node: RadixNode, first: int, blocks: Int64Array, reason: EvictionReason) -> int:
+        """Drop the tree's references on ``blocks``, ``node``'s blocks from index ``first`` of
+        its path on; report each one this frees to ``on_evict``; return how many it frees
+        (those nothing else holds)."""
+        bs = self._bs
+        tree = self._tree_refs
+        last_ref = tree[blocks] == 1
+        sole = last_ref & (self._pool.ref_counts_view()[blocks] == 1)
+        freed = int(np.count_nonzero(sole))
+        if self._on_evict is not None and freed:
+            prefix = node.path_tokens()
+            for i in np.flatnonzero(sole).tolist():
+                index = first + i
+                self._on_evict(
+                    EvictedBlock(
+                        node.namespace, int(blocks[i]), index, index * bs, min((index + 1) * bs, node.end), reason, prefix
+                    )
+                )
+        tree[blocks] -= 1
+        self._blocks_used -= int(np.count_nonzero(last_ref))
+        self._evicted_blocks[reason] += freed
         return freed
 
     # --- stats and checks ----------------------------------------------------------------------

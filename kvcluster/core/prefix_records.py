@@ -162,7 +162,8 @@ class CacheStats:
 
     A lookup is a *hit* when it matched at least one token (``min_prefix_tokens`` considered).
     ``evictions`` counts blocks returned to the pool per reason (``capacity``, ``ttl``,
-    ``memory_budget``, ``explicit``), ``evicted_nodes`` the tree nodes dropped per reason.
+    ``memory_budget``, ``explicit``), ``evicted_nodes`` the tree nodes dropped per reason (a
+    partial eviction, which trims a leaf, frees blocks and drops no node).
     ``blocks_used`` is the number of distinct blocks the tree references and ``bytes_used``
     their K/V bytes (0 when the index was not told ``bytes_per_block``).
     """

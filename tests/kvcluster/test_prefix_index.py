@@ -101,11 +101,14 @@ def test_split_inside_a_block_references_the_straddling_block_from_both_sides(ca
     assert ids(cache.index.lookup(np.arange(6))) == a[:2].tolist()
     assert cache.index.stats().nodes == 3
     cache.index.check_invariants()
-    # Evicting A's branch keeps a[1] (still held by the upper node) and frees a[2] only.
+    # Evicting one block of A's branch drops only its last block, a[2]: the branch keeps
+    # tokens 6..7 in a[1], which the upper node also references.
     cache.index.lookup(b_tokens)
     assert cache.index.evict(1) == 1
     assert cache.evicted_tokens() == [[8, 9]]
-    assert cache.pool.ref_counts(a).tolist() == [1, 1, 0]
+    assert cache.pool.ref_counts(a).tolist() == [1, 2, 0]
+    assert ids(cache.index.lookup(np.arange(10))) == a[:2].tolist()
+    assert cache.index.lookup(np.arange(10)).matched_tokens == 8
     cache.index.check_invariants()
 
 
@@ -271,6 +274,32 @@ def test_lru_evicts_least_recently_used_leaf_first(cache: Cache) -> None:
     cache.index.check_invariants()
 
 
+def test_a_partial_eviction_takes_a_long_leafs_last_blocks_and_keeps_the_rest_usable(cache: Cache) -> None:
+    table = cache.store(range(30))  # one leaf, 8 blocks, the last holding tokens 28-29
+    before = cache.index.stats()
+    assert cache.index.evict(3) == 3
+    # The last three blocks go, each reported with its own tokens and the whole prefix.
+    assert cache.evicted_tokens() == [[20, 21, 22, 23], [24, 25, 26, 27], [28, 29]]
+    assert [e.block_id for e in cache.evicted] == table[5:].tolist()
+    assert cache.evicted[-1].prefix_bytes == np.arange(30, dtype=np.int64).tobytes()
+    assert cache.pool.ref_counts(table).tolist() == [1] * 5 + [0] * 3
+    after = cache.index.stats()
+    assert after.nodes == before.nodes and after.evicted_nodes == before.evicted_nodes
+    assert after.evictions["capacity"] == 3 and after.blocks_used == 5
+    match = cache.index.lookup(np.arange(30))
+    assert (match.matched_tokens, ids(match)) == (20, table[:5].tolist())
+    # Nothing ends where the leaf now ends: removing that prefix frees nothing.
+    assert cache.index.remove(np.arange(20)) == 0
+    # Storing the whole prompt again extends the leaf with new blocks.
+    again = cache.pool.allocate(3)
+    assert again is not None
+    cache.index.insert(np.arange(30), np.concatenate([table[:5], again]))
+    cache.pool.decref(again)
+    assert ids(cache.index.lookup(np.arange(30))) == [*table[:5].tolist(), *again.tolist()]
+    cache.index.check_invariants()
+    cache.pool.check_invariants()
+
+
 def test_leaves_go_before_their_parents(cache: Cache) -> None:
     cache.store(range(8))
     cache.store([*list(range(8)), 100, 101, 102, 103])
@@ -278,8 +307,13 @@ def test_leaves_go_before_their_parents(cache: Cache) -> None:
     cache.clock.advance(1)
     cache.index.lookup(np.arange(8))  # touches the parent alone: it stays behind its children
     cache.index.evict(3)
-    assert cache.evicted_tokens() == [[100, 101, 102, 103], [200, 201, 202, 203], [0, 1, 2, 3], [4, 5, 6, 7]]
-    assert cache.index.stats().nodes == 0
+    # The two leaves, then for the third block the parent's last block only: a partial
+    # eviction takes a leaf's tail, so its head stays cached.
+    assert cache.evicted_tokens() == [[100, 101, 102, 103], [200, 201, 202, 203], [4, 5, 6, 7]]
+    assert cache.index.stats().nodes == 1
+    assert cache.index.lookup(np.arange(8)).matched_tokens == 4
+    cache.index.evict(1)
+    assert cache.evicted_tokens()[-1] == [0, 1, 2, 3] and cache.index.stats().nodes == 0
     cache.index.check_invariants()
 
 

@@ -181,7 +181,7 @@ def test_generated_lengths_reach_the_reuse_replay(tmp_path: Path) -> None:
     workload = read_workload(path)
     assert workload.generated()[:4] == (4, 700, 700, 4)
     analysis = analyze_workload(workload, block_size=4, cache_sizes=[28])
-    assert analysis.hit_rate(28, "lru") == 0
+    assert analysis.hit_rate(28, "lru") < 0.1  # at most a first block of each first turn
     assert analysis.hit_rate(28, "reuse") > 0.5 * analysis.infinite_hit_rate
     assert analysis.recommended_policy == "reuse"
     unhinted = analyze_workload(Workload(workload.records, workload.num_tokens, "tokens"), block_size=4,
