@@ -80,3 +80,16 @@ def test_ttl_seconds_without_a_ttl_policy_is_rejected() -> None:
         KVClusterConfig.from_dict({"cache": {"eviction": {"policy": "lru", "ttl_s": 60}}})
     config = KVClusterConfig.from_dict({"cache": {"eviction": {"policy": "lru+ttl", "ttl_s": 60}}})
     assert config.cache.eviction.ttl_s == 60
+
+
+def test_router_placement_settings_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("router:\n  placement_half_life_requests: 0\n  fallback_choices: 17\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, apply_env=False)
+    text = str(info.value)
+    assert "router.placement_half_life_requests" in text and "(got 0)" in text
+    assert "router.fallback_choices" in text and "(got 17)" in text
+    path.write_text("router:\n  placement_half_life_requests: 64\n  fallback_choices: 2\n")
+    router = load_config(path, apply_env=False).router
+    assert (router.placement_half_life_requests, router.fallback_choices) == (64, 2)
