@@ -855,7 +855,9 @@ class PrefixIndex(PinsMixin):
         keep = high - blocks
         assert low < keep < high, f"{leaf}: cannot trim {blocks} of its {high - low} blocks"
         tail = ids_from_bytes(leaf.path_blocks[keep * ID_BYTES : high * ID_BYTES])
-        freed = self._unreference(leaf, keep, tail, reason)
+        # Past its first block a leaf's blocks are its own, and an evictable leaf's are held
+        # by nothing else.
+        freed = self._unreference(leaf, keep, tail, reason, sole_owner=True)
         pending.append(tail)
         end = keep * self._bs
         leaf.key = leaf.key[: (end - leaf.start) * ID_BYTES]
@@ -865,18 +867,25 @@ class PrefixIndex(PinsMixin):
         self._policy.shortened(leaf)
         return freed
 
-    def _unreference(self, node: RadixNode, first: int, blocks: Int64Array, reason: EvictionReason) -> int:
+    def _unreference(self, node: RadixNode, first: int, blocks: Int64Array, reason: EvictionReason,
+                     *, sole_owner: bool = False) -> int:
         """Drop the tree's references on ``blocks``, ``node``'s blocks from index ``first`` of
         its path on; report each one this frees to ``on_evict``; return how many it frees
-        (those nothing else holds)."""
-        bs = self._bs
+        (those nothing else holds). ``sole_owner``: the caller knows ``node`` alone holds
+        every one of them (the tail of an evictable leaf), so all are freed."""
         tree = self._tree_refs
-        last_ref = tree[blocks] == 1
-        sole = last_ref & (self._pool.ref_counts_view()[blocks] == 1)
-        freed = int(np.count_nonzero(sole))
+        if sole_owner:
+            sole = None
+            freed = used = int(blocks.size)
+        else:
+            last_ref = tree[blocks] == 1
+            sole = last_ref & (self._pool.ref_counts_view()[blocks] == 1)
+            freed = int(np.count_nonzero(sole))
+            used = int(np.count_nonzero(last_ref))
         if self._on_evict is not None and freed:
+            bs = self._bs
             prefix = node.path_tokens()
-            for i in np.flatnonzero(sole).tolist():
+            for i in range(freed) if sole is None else np.flatnonzero(sole).tolist():
                 index = first + i
                 self._on_evict(
                     EvictedBlock(
@@ -884,7 +893,7 @@ class PrefixIndex(PinsMixin):
                     )
                 )
         tree[blocks] -= 1
-        self._blocks_used -= int(np.count_nonzero(last_ref))
+        self._blocks_used -= used
         self._evicted_blocks[reason] += freed
         return freed
 
