@@ -115,8 +115,18 @@ class RayNodeHandle:
         return get_result(pending, self._timeout_s, f"node {self.node_id}", wait_local=wait_local)
 
     async def acall(self, method: str, *args: Any) -> Any:
+        """The call's result, awaited; within the handle's timeout, as :meth:`call` (a node
+        that hangs, rather than dies, would otherwise hold the caller forever)."""
         ref = self.submit(method, *args)
         try:
-            return await ref
+            return await asyncio.wait_for(_awaited(ref), self._timeout_s)
+        except TimeoutError:
+            raise NodeUnavailable(f"node {self.node_id} did not answer within {self._timeout_s} s") from None
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             raise _as_cluster_error(exc, f"node {self.node_id}") from None
+
+
+async def _awaited(ref: Any) -> Any:
+    """``await ref`` as a coroutine, which ``asyncio.wait_for`` can cancel (the call goes on
+    in the actor; only this wait ends)."""
+    return await ref

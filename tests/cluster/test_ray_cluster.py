@@ -249,3 +249,18 @@ def test_a_fetch_reply_from_the_object_store_is_waited_for_then_read(ray_cluster
         slow.call("fetch", 3.0, 4 << 20)
     assert time.monotonic() - start < 2.5  # the wait gave up at its timeout
     ray.kill(actor)
+
+
+def test_an_awaited_call_gives_up_at_the_handle_timeout(ray_cluster: object) -> None:
+    actor = PagesAfter.remote()  # type: ignore[attr-defined]
+    handle = RayNodeHandle("pages", actor, timeout_s=10)
+    pages = asyncio.run(handle.acall("fetch", 0.1, 4 << 20))
+    assert pages.nbytes == 4 << 20 and np.array_equal(pages[:300], np.arange(300, dtype=np.uint8))
+    slow = RayNodeHandle("pages", actor, timeout_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(NodeUnavailable, match=r"node pages did not answer within 0.3 s"):
+        asyncio.run(slow.acall("fetch", 3.0, 4 << 20))
+    assert time.monotonic() - start < 2.5  # the wait gave up at its timeout
+    ray.kill(actor)
+    with pytest.raises(NodeUnavailable):  # a dead actor: Ray's error, mapped
+        asyncio.run(handle.acall("fetch", 0.0, 16))
