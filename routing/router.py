@@ -20,10 +20,11 @@ nodes, the one it sent the fewest recent requests (each request's weight halving
 ``placement_half_life_requests`` routed), then the least loaded (ties: ring order; 1 = plain
 consistent hashing): a new prefix gets a stable home, while the nodes share the prefixes
 that keep coming back in proportion to their requests rather than to the arcs of the ring
-(the power of two choices). While the registry is unreachable there is no fresh load,
-so the router takes the first node on the ring of the known nodes. An unreachable registry is logged once per outage, counted, and retried
-after ``registry_retry_s`` (doubling up to ``registry_retry_max_s``); the router recovers by
-itself when it answers again. Every decision carries a one-line explanation.
+(the power of d choices). While the registry is unreachable there is no fresh load, so the
+router takes the first node on the ring of the known nodes. An unreachable registry is
+logged once per outage, counted, and retried after ``registry_retry_s`` (doubling up to
+``registry_retry_max_s``); the router recovers by itself when it answers again. Every
+decision carries a one-line explanation.
 
 Thread-safety: thread-safe. Registry calls run unlocked; the routing state (per-node counters,
 the ring, the outage backoff) is updated under ``self._lock``, held only for the scoring.
