@@ -342,7 +342,7 @@ class Router:
             # A prompt shorter than the registry's stride is never found there: balancing it
             # by recent requests would only copy it onto every choice in turn.
             indexable = hashes.size >= self._registry.index_stride
-            chosen = self._least_loaded_on_ring(fallback_key, live, eligible, reported, indexable)
+            chosen = self._place_on_ring(fallback_key, live, eligible, reported, indexable)
             fallback = "no_match"
             self._no_match += 1
             held = holdings.get(chosen)
@@ -371,7 +371,7 @@ class Router:
             holder_in_flight=inflight[best_holder] if best_holder else 0,
         )
 
-    def _least_loaded_on_ring(
+    def _place_on_ring(
         self, key: int, live: Iterable[str], eligible: Container[str], load: dict[str, tuple[int, bool]],
         balance_recent: bool,
     ) -> str:
