@@ -363,33 +363,26 @@ def test_new_prefixes_go_to_the_choice_sent_fewer_recent_requests() -> None:
 
 def test_recent_request_counts_fade_with_the_half_life() -> None:
     nodes = ["a", "b"]
-    cluster = Cluster(nodes, fallback_choices=2, placement_half_life_requests=10)
-    first, second = list(HashRing(nodes, 64).walk(ring_key(HASHER.hash_chain(tokens(18))[0].tobytes())))
-    old, new = HASHER.hash_chain(tokens(19)), HASHER.hash_chain(tokens(20))
-    cluster.hold(first, old)
-    cluster.hold(second, new)
     chain = HASHER.hash_chain(tokens(18))
+    first, second = list(HashRing(nodes, 64).walk(ring_key(chain[0].tobytes())))
+    old, new = HASHER.hash_chain(tokens(19)), HASHER.hash_chain(tokens(20))
 
-    def place() -> str:
+    def place_after_history(half_life: int) -> str:
+        """40 requests to the home long ago, 12 to the other node lately; then a new prefix."""
+        cluster = Cluster(nodes, fallback_choices=2, placement_half_life_requests=half_life)
+        cluster.hold(first, old)
+        cluster.hold(second, new)
+        for held, times in ((old, 40), (new, 12)):
+            for _ in range(times):
+                cluster.router.route_hashes(held)
         for node in nodes:
             cluster.load(node, 0)
         return cluster.router.route_hashes(chain).node_id
 
-    for _ in range(40):  # long ago: 40 requests to the home
-        cluster.router.route_hashes(old)
-    for _ in range(12):  # lately: 12 to the other node outweigh the 40 spread over four half-lives
-        cluster.router.route_hashes(new)
-    assert place() == first
-    # without the fading the 40 would still count in full
-    plain = Cluster(nodes, fallback_choices=2, placement_half_life_requests=1_000_000)
-    plain.hold(first, old)
-    plain.hold(second, new)
-    for chain_, times in ((old, 40), (new, 12)):
-        for _ in range(times):
-            plain.router.route_hashes(chain_)
-    for node in nodes:
-        plain.load(node, 0)
-    assert plain.router.route_hashes(chain).node_id == second
+    # the 12 recent requests outweigh the 40 spread over the four half-lives before them
+    assert place_after_history(10) == first
+    # without the fading the 40 still count in full
+    assert place_after_history(1_000_000) == second
 
 
 def test_recent_counts_survive_rescaling() -> None:
