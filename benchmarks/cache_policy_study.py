@@ -483,8 +483,7 @@ class NodeCache:
         self.cache = cache
         self.capacity = capacity
         self.held: dict[int, tuple[int, int]] = {}  # block -> (family, depth)
-        self.requests = 0
-        self.trace_clock = trace_clock
+        self.clock = trace_clock if trace_clock is not None else [0]  # the next request's number
 
     def __len__(self) -> int:
         return len(self.held)
@@ -495,12 +494,8 @@ class NodeCache:
     def insert(self, ids: Sequence[int], generated_tokens: int | None = None,
                ) -> tuple[list[int], list[tuple[int, int, int]]]:
         chain = tuple(ids)  # the learned policy reads the request's generated length itself
-        if self.trace_clock is not None:
-            self.cache.access(chain, self.trace_clock[0])
-            self.trace_clock[0] += 1  # the simulator serves every request once, in order
-        else:
-            self.cache.access(chain, self.requests)
-        self.requests += 1
+        self.cache.access(chain, self.clock[0])
+        self.clock[0] += 1  # the simulator serves every request once, in order
         family = chain[0] if chain else 0
         stored = [d for d, b in enumerate(chain) if b not in self.held and b in self.cache]
         evicted = [(b, f, d) for b, (f, d) in self.held.items() if b not in self.cache]
