@@ -32,6 +32,7 @@ import torch
 from kvcluster.errors import KVClusterError, PageCorrupt
 from tiers.config import TiersConfig
 from tiers.factory import build_tiered_store
+from tiers.page_store import check_batch, check_page
 from tiers.tiered_store import TieredStore
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,9 @@ class SpillStore:
 
     def spill(self, block_hash: bytes, namespace: str, tokens: npt.NDArray[np.int64],
               page: torch.Tensor, *, family: bytes, position: int) -> str | None:
-        """Keep ``page`` (uint8) under ``block_hash``; the tier it landed on, or None if full."""
+        """Keep ``page`` (uint8) under ``block_hash``; the tier it landed on, or None if full.
+        A page of the wrong size or dtype raises InvalidKV."""
+        check_page(page, self._store.page_bytes)
         key = tier_key(block_hash)
         record = SpilledBlock(block_hash, family, position, namespace,
                               tokens.astype(np.int64).tobytes())
@@ -134,10 +137,13 @@ class SpillStore:
     def spill_many(self, blocks: Sequence[SpillRequest], pages: torch.Tensor) -> list[str | None]:
         """:meth:`spill` for many blocks: ``pages[i]`` (rows of a ``[n, page_bytes]`` uint8
         tensor) for ``blocks[i]``, placed in one reservation and written in one batch per
-        tier; per block the tier it landed on, or None when it is not kept."""
+        tier; per block the tier it landed on, or None when it is not kept. A bad batch
+        raises InvalidKV."""
+        check_batch(np.arange(len(blocks)), pages, self._store.page_bytes)
         keys = [tier_key(block.block_hash) for block in blocks]
         out: list[str | None] = [None] * len(blocks)
         fresh: list[int] = []
+        absent: set[int] = set()  # fresh blocks whose key the store did not hold before
         seen: set[int] = set()
         for i, key in enumerate(keys):
             existing = self._store.location(key)
@@ -146,6 +152,8 @@ class SpillStore:
             elif key not in seen:
                 seen.add(key)
                 fresh.append(i)
+                if existing is None:
+                    absent.add(i)
         if not fresh:
             return out
         try:
@@ -155,6 +163,15 @@ class SpillStore:
             logger.debug("batched spill of %d pages refused (%s); spilling one by one", len(fresh), exc)
             for i in fresh:
                 block = blocks[i]
+                stored = self._store.location(keys[i]) if i in absent else None
+                if stored is not None:  # put_many wrote it before a write to another tier failed
+                    record = SpilledBlock(block.block_hash, block.family, block.position, block.namespace,
+                                          block.token_bytes)
+                    with self._lock:
+                        self._blocks[keys[i]] = record
+                        self._append_meta(keys[i], record)
+                    out[i] = stored
+                    continue
                 tokens = np.frombuffer(block.token_bytes, dtype="<i8")
                 out[i] = self.spill(block.block_hash, block.namespace, tokens, pages[i],
                                     family=block.family, position=block.position)
@@ -249,16 +266,19 @@ class SpillStore:
         self._store.pin(keys)
 
     def unpin(self, keys: list[int]) -> None:
-        self._store.unpin(keys)
+        # A pinned page that failed its checksum was dropped with its pins: nothing to undo.
+        self._store.unpin([key for key in keys if key in self._store])
 
     def prefetch(self, keys: list[int]) -> None:
         if keys:
             self._store.prefetch(keys)
 
     def discard(self, key: int) -> None:
-        with self._lock:
+        """Forget ``key`` and free its page. Raises InvalidArgument (changing nothing) while
+        it is pinned."""
+        with self._lock:  # a spill of the same key cannot slip in between
+            self._store.discard(key)
             self._blocks.pop(key, None)
-        self._store.discard(key)
 
     def held(self) -> list[HeldBlock]:
         """Every spilled block with the tier it is on now (for re-announcing)."""

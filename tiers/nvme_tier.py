@@ -234,6 +234,9 @@ class NvmeTier(SlotsDelegate):
             for index, directory in enumerate(paths):
                 self._files.append(self._open_file(Path(directory), index, len(paths), o_direct, file_stem))
             self._recover(enabled=recover)
+        except OSError as exc:  # replaying or rewriting a journal (full disk, EIO, permissions)
+            self.close()
+            raise TierIOError(f"tier {name}: cannot recover its journal: {exc.strerror or exc}") from None
         except BaseException:
             self.close()
             raise

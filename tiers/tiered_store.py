@@ -355,6 +355,7 @@ class TieredStore:
         host tensor. Raises NotFound for an unknown key, PageCorrupt when the page failed its
         checksum (it is then dropped and reported to ``on_discard``), TierIOError on a disk
         error (the page stays). A hit below the top tier queues a promotion."""
+        self._check_open()
         if out is not None:
             check_page(out, self.page_bytes, "out")
         copied = self._get_optimistic(key, out)
@@ -753,6 +754,7 @@ class TieredStore:
                 self._wait_not_moving(pending)
                 live = [self._entries[k] for k in pending if k in self._entries and self._entries[k].tier > 0]
                 missing += [k for k in pending if k not in self._entries]
+                pending = [k for k in pending if k in self._entries]  # report each missing key once
                 if not live:
                     break
                 src = live[0].tier
