@@ -31,9 +31,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from kvcluster.errors import FencedEpoch, RegistryUnavailable
+from kvcluster.errors import RegistryDataError, RoutingError
 from routing.config import RegistryConfig
-from routing.registry import BlockEvent, EventBatch, NodeLoad, PrefixRegistry
+from routing.registry import BlockEvent, EventBatch, NodeLoad, PrefixRegistry, PublishStatus
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class RegistryPublisher:
         """Start a new epoch and re-announce everything; False if the registry is down."""
         try:
             epoch = self._registry.register_node(self._node_id, previous_epoch=self.epoch)
-        except RegistryUnavailable as exc:
+        except RoutingError as exc:  # unreachable, or an error reply (OOM, MISCONF): retry next tick
             self._failed(exc)
             return False
         with self._lock:
@@ -111,7 +111,7 @@ class RegistryPublisher:
     def flush(self) -> bool:
         """Publish the events queued so far; return once they are published, by this call or
         by a concurrent one that carried them. False (events dropped, resync scheduled) when
-        the registry cannot be reached or fenced this epoch."""
+        the registry cannot be reached, fenced this epoch or lost earlier batches of it."""
         with self._lock:
             if self._needs_resync or not self.epoch:
                 return not self._needs_resync
@@ -129,9 +129,14 @@ class RegistryPublisher:
                 self._seq += 1
                 batch = EventBatch(self._node_id, self.epoch, self._seq, events)
             try:
-                self._registry.publish(batch)
-            except (RegistryUnavailable, FencedEpoch) as exc:
+                result = self._registry.publish(batch)
+            except RoutingError as exc:  # unreachable, fenced, or an error reply (OOM, MISCONF)
                 self._failed(exc)
+                return False
+            if result.status not in (PublishStatus.APPLIED, PublishStatus.DUPLICATE):
+                # The registry lost this epoch's earlier batches (restarted empty or from an
+                # older snapshot): nothing would fill the gap, so register and re-announce.
+                self._failed(RegistryDataError(f"batch {batch.seq} was {result.status.value}"))
                 return False
             with self._lock:
                 # max: a re-registration meanwhile may have moved it past this batch
@@ -176,7 +181,7 @@ class RegistryPublisher:
             return
         try:
             known = self._registry.heartbeat(self._node_id, self.epoch, self._load())
-        except (RegistryUnavailable, FencedEpoch) as exc:
+        except RoutingError as exc:
             self._failed(exc)
             return
         self._recovered()

@@ -27,6 +27,7 @@ from kvcluster.errors import FencedEpoch, InvalidArgument, RoutingError
 from routing.config import RegistryConfig
 from routing.registry import (
     DEFAULT_NAMESPACE,
+    MAX_EPOCH,
     MAX_INCARNATIONS,
     EventBatch,
     EventKind,
@@ -99,8 +100,9 @@ class InMemoryRegistry:
 
     def register_node(self, node_id: str, *, previous_epoch: int = 0) -> int:
         check_name("node_id", node_id)
-        if isinstance(previous_epoch, bool) or not isinstance(previous_epoch, int) or previous_epoch < 0:
-            raise InvalidArgument(f"previous_epoch must be an integer >= 0, got {previous_epoch!r}")
+        if (isinstance(previous_epoch, bool) or not isinstance(previous_epoch, int)
+                or not 0 <= previous_epoch < MAX_EPOCH):
+            raise InvalidArgument(f"previous_epoch must be an integer in [0, 2**53 - 1), got {previous_epoch!r}")
         with self._lock:
             now = self._clock()
             old = self._nodes.get(node_id)
@@ -305,10 +307,10 @@ class InMemoryRegistry:
     def clear_namespace(self, namespace: str) -> int:
         check_name("namespace", namespace)
         with self._lock:
+            now = self._clock()
             doomed = [key for key in self._families if key[0] == namespace]
-            for key in doomed:
-                del self._families[key]
-            return len(doomed)
+            # an expired family awaiting the sweep is not counted: it was already gone
+            return sum(self._families.pop(key).expires_at > now for key in doomed)
 
     def sweep(self) -> int:
         """Reclaim records of forgotten incarnations and expired families now (O(entries));

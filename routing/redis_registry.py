@@ -56,6 +56,7 @@ from routing.block_hashing import BlockHashArray
 from routing.config import RegistryConfig
 from routing.registry import (
     DEFAULT_NAMESPACE,
+    MAX_EPOCH,
     BlockEvent,
     EventBatch,
     NodeInfo,
@@ -239,8 +240,9 @@ class RedisPrefixRegistry:
 
     def register_node(self, node_id: str, *, previous_epoch: int = 0) -> int:
         check_name("node_id", node_id)
-        if isinstance(previous_epoch, bool) or not isinstance(previous_epoch, int) or previous_epoch < 0:
-            raise InvalidArgument(f"previous_epoch must be an integer >= 0, got {previous_epoch!r}")
+        if (isinstance(previous_epoch, bool) or not isinstance(previous_epoch, int)
+                or not 0 <= previous_epoch < MAX_EPOCH):
+            raise InvalidArgument(f"previous_epoch must be an integer in [0, 2**53 - 1), got {previous_epoch!r}")
         reply = self._run(
             "register",
             [self._nodes_key, self._incarnations_key, self._counter_key, self.pending_key(node_id)],
@@ -258,7 +260,7 @@ class RedisPrefixRegistry:
         reply = self._run(
             "heartbeat",
             [self._nodes_key],
-            [node_id, epoch, load.inflight_requests, load.free_blocks, load.total_blocks],
+            [node_id, int(epoch), load.inflight_requests, load.free_blocks, load.total_blocks],
         )
         values = _int_list(reply, None, "heartbeat")
         if values[0] == -1:
@@ -353,7 +355,7 @@ class RedisPrefixRegistry:
     def _publish_call(self, batch: EventBatch) -> tuple[list[str], list[Any]]:
         families, blob = encode_ops(batch.events, self.index_stride, self.family_key)
         keys = [self._nodes_key, self._incarnations_key, self.pending_key(batch.node_id), *families]
-        args = [batch.node_id, batch.epoch, batch.seq, self._entry_ttl_ms,
+        args = [batch.node_id, int(batch.epoch), int(batch.seq), self._entry_ttl_ms,
                 self._config.max_buffered_batches, blob]
         return keys, args
 

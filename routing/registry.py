@@ -58,6 +58,8 @@ from routing.block_hashing import (
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@/+=\-]{1,128}")
 DEFAULT_NAMESPACE = "default"
 MAX_INCARNATIONS = 65535
+#: Epochs stay below 2**53: Lua (the Redis backend) counts in doubles, exact only up to there.
+MAX_EPOCH = 2**53 - 1
 
 
 class Tier(IntEnum):
@@ -122,8 +124,12 @@ class BlockEvent:
                     f"the chain (first_position={first_position}, {array.size} hashes)"
                 )
             family = array[0].tobytes()
-        event = cls(kind, BlockHash(bytes(family)), first_position, array,
-                    None if tier is None else Tier(tier), namespace)
+        if tier is not None:
+            try:
+                tier = Tier(tier)
+            except ValueError:
+                raise InvalidArgument(f"tier must be a Tier (0 gpu, 1 cpu, 2 nvme), got {tier!r}") from None
+        event = cls(kind, BlockHash(bytes(family)), first_position, array, tier, namespace)
         validate_event(event)
         return event
 
@@ -289,6 +295,10 @@ def check_positive_int(kind: str, value: object) -> int:
 def validate_event(event: BlockEvent) -> None:
     if not isinstance(event, BlockEvent):
         raise InvalidArgument(f"events must be BlockEvent, got {type(event).__name__}")
+    if not isinstance(event.kind, EventKind):
+        raise InvalidArgument(f"event kind must be an EventKind, got {event.kind!r}")
+    if event.tier is not None and not isinstance(event.tier, Tier):
+        raise InvalidArgument(f"event tier must be a Tier or None, got {event.tier!r}")
     check_name("namespace", event.namespace)
     if not isinstance(event.family, bytes) or len(event.family) != BLOCK_HASH_BYTES:
         raise InvalidArgument(f"family must be a {BLOCK_HASH_BYTES}-byte key, got {event.family!r:.60}")
@@ -311,6 +321,8 @@ def validate_batch(batch: EventBatch) -> None:
     check_name("node_id", batch.node_id)
     check_positive_int("epoch", batch.epoch)
     check_positive_int("seq", batch.seq)
+    if not isinstance(batch.events, tuple | list):
+        raise InvalidArgument(f"EventBatch.events must be a tuple of BlockEvent, got {type(batch.events).__name__}")
     for event in batch.events:
         validate_event(event)
 

@@ -11,7 +11,7 @@ from kvcluster.errors import RegistryUnavailable
 from kvcluster.registry_publisher import RegistryPublisher
 from routing.block_hashing import BLOCK_HASH_DTYPE
 from routing.config import RegistryConfig
-from routing.registry import BlockEvent, EventBatch, NodeLoad, Tier
+from routing.registry import BlockEvent, EventBatch, NodeLoad, PublishResult, PublishStatus, Tier
 
 
 class SlowRegistry:
@@ -27,13 +27,14 @@ class SlowRegistry:
     def register_node(self, node_id: str, previous_epoch: int = 0) -> int:
         return previous_epoch + 1
 
-    def publish(self, batch: EventBatch) -> None:
+    def publish(self, batch: EventBatch) -> PublishResult:
         if self.fail:
             raise RegistryUnavailable("registry down")
         if self.hold and not self.first_started.is_set():
             self.first_started.set()
             assert self.release_first.wait(10)
         self.batches.append(batch)
+        return PublishResult(PublishStatus.APPLIED, batch.seq, 1)
 
 
 def event(i: int) -> BlockEvent:
