@@ -37,7 +37,13 @@ import torch
 
 from kvcluster.config import KVClusterConfig
 from kvcluster.core.reuse_model import check_generated_tokens
-from kvcluster.errors import InvalidKV, InvalidTokens, NodeUnavailable, UnknownPrompt
+from kvcluster.errors import (
+    InvalidArgument,
+    InvalidKV,
+    InvalidTokens,
+    NodeUnavailable,
+    UnknownPrompt,
+)
 from kvcluster.kv_payload import KVPayload
 from kvcluster.migration import MigrationDecision, MigrationPlanner
 from kvcluster.node_handles import NodeHandle
@@ -110,6 +116,12 @@ def as_tokens(tokens: Any, vocab_size: int) -> TokenArray:
         bad = low if low < 0 else high
         raise InvalidTokens(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return array
+
+
+def _check_keep_tokens(keep_tokens: object) -> int:
+    if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int | np.integer) or keep_tokens < 0:
+        raise InvalidArgument(f"keep_tokens must be an integer >= 0, got {keep_tokens!r}")
+    return int(keep_tokens)
 
 
 class KVClient:
@@ -235,13 +247,10 @@ class KVClient:
         with self._affinity_lock:
             node = self._affinity.get(family)
         handle = self._nodes.get(node) if node is not None else None
-        if node is None or handle is None or not handle.concurrent:
+        if node is None or handle is None:
             return None
-        wire, base = self._node_wire(node, namespace, ids)
-        try:
-            return node, handle.submit("lookup", *wire), base
-        except NodeUnavailable:
-            return None
+        started = self._start_with_prompt(handle, "lookup", (), namespace, ids)
+        return None if started is None else (node, *started)
 
     def _node_wire(self, node: str, namespace: str, ids: bytes, *, full: bool = False) -> tuple[PromptWire, bytes | None]:
         """The frame of a prompt (id bytes ``ids``) for ``node``, and the kept prompt it refers
@@ -263,6 +272,19 @@ class KVClient:
         wire = frame_to_wire(namespace, self._wire_dtype, ids, remember_as=prompt_id, base=reference)
         sent.record(node, namespace, prompt_id, ids)
         return wire, base_id
+
+    def _start_with_prompt(self, handle: NodeHandle, method: str, args: tuple[Any, ...], namespace: str,
+                           ids: bytes) -> tuple[Any, bytes | None] | None:
+        """Start ``handle.method(*args, *prompt frame)`` without waiting, for
+        :meth:`_call_with_prompt` to finish; None where calls do not run concurrently (an
+        in-process node) or the start failed (the call is then made, and fails, there)."""
+        if not handle.concurrent:
+            return None
+        wire, base = self._node_wire(handle.node_id, namespace, ids)
+        try:
+            return handle.submit(method, *args, *wire), base
+        except NodeUnavailable:
+            return None
 
     def _call_with_prompt(self, handle: NodeHandle, method: str, args: tuple[Any, ...], namespace: str,
                           ids: bytes, submitted: tuple[Any, bytes | None] | None = None) -> Any:
@@ -443,7 +465,7 @@ class KVClient:
         if node is None:
             node = self._router.route(token_ids, namespace, candidates=self._candidates(set())).node_id
         payload = KVPayload.from_tensor(kv)
-        return self._nodes[node], (payload, lease_id, generated_tokens), prompt_ids(token_ids, self._wire_dtype)
+        return self.node_handle(node), (payload, lease_id, generated_tokens), prompt_ids(token_ids, self._wire_dtype)
 
     def _check_kv(self, kv: torch.Tensor, num_tokens: int) -> None:
         layers, comps, _, heads, dim = self._spec.page_shape(1)
@@ -460,6 +482,34 @@ class KVClient:
             return False
         released: bool = self._nodes[result.node_id].call("release", result.lease_id)
         return released
+
+    def end_conversation(self, tokens: Any, namespace: str = "default", *, node: str | None = None,
+                         keep_tokens: int = 0) -> int:
+        """Tell ``node`` (default: every node, since migrations may have copied it) that the
+        conversation whose history is ``tokens`` is over: what only it cached there, past its
+        first ``keep_tokens`` tokens, goes first when room is needed. A hint: nothing is freed
+        and a later prompt that matches it promotes it again. Returns the tokens demoted.
+
+        With ``node`` given, :class:`NodeUnavailable` if it does not answer; told to every
+        node, one that does not answer is skipped (its copy just ages out as usual)."""
+        token_ids = as_tokens(tokens, self._spec.vocab_size)
+        keep_tokens = _check_keep_tokens(keep_tokens)
+        if node is not None:
+            self.node_handle(node)  # NodeUnavailable for a node not in the deployment
+        ids = prompt_ids(token_ids, self._wire_dtype)
+        started = [(self._nodes[n], self._start_with_prompt(self._nodes[n], "end_conversation", (keep_tokens,),
+                                                              namespace, ids))
+                   for n in ([node] if node is not None else self.nodes)]  # all started, then awaited
+        demoted = 0
+        for handle, submitted in started:
+            try:
+                demoted += self._call_with_prompt(handle, "end_conversation", (keep_tokens,), namespace, ids,
+                                                  submitted)
+            except NodeUnavailable:
+                if node is not None:
+                    raise
+                logger.info("node %s did not take the end of a conversation; skipped", handle.node_id)
+        return demoted
 
     @contextlib.contextmanager
     def lookup(self, tokens: Any, namespace: str = "default") -> Iterator[RouteResult]:
@@ -531,6 +581,30 @@ class KVClient:
         released: bool = await self._nodes[result.node_id].acall("release", result.lease_id)
         return released
 
+    async def aend_conversation(self, tokens: Any, namespace: str = "default", *, node: str | None = None,
+                                keep_tokens: int = 0) -> int:
+        """The asyncio form of :meth:`end_conversation` (every node told at once)."""
+        token_ids = as_tokens(tokens, self._spec.vocab_size)
+        keep_tokens = _check_keep_tokens(keep_tokens)
+        if node is not None:
+            self.node_handle(node)
+        ids = prompt_ids(token_ids, self._wire_dtype)
+        targets = [node] if node is not None else self.nodes
+        replies = await asyncio.gather(
+            *(self._acall_with_prompt(self._nodes[n], "end_conversation", (keep_tokens,), namespace, ids)
+              for n in targets),
+            return_exceptions=True,
+        )
+        demoted = 0
+        for node_id, reply in zip(targets, replies, strict=True):
+            if isinstance(reply, NodeUnavailable) and node is None:
+                logger.info("node %s did not take the end of a conversation; skipped", node_id)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                demoted += reply
+        return demoted
+
     @contextlib.asynccontextmanager
     async def alookup(self, tokens: Any, namespace: str = "default") -> AsyncIterator[RouteResult]:
         """The asyncio form of :meth:`lookup`: the lease is released when the block exits."""
@@ -570,7 +644,9 @@ class ChatSession:
     """A multi-turn conversation that sticks to the node holding its history.
 
     Each turn sends the whole conversation so far plus the new user message; the node finds
-    everything before the new message cached, so only the new tokens are computed.
+    everything before the new message cached, so only the new tokens are computed. Ending it
+    (:meth:`end`, or leaving a ``with`` block) tells that node the history will not be
+    continued, so it makes room with it before anything that may still be used.
     """
 
     def __init__(self, client: KVClient, conversation_id: str, namespace: str) -> None:
@@ -579,12 +655,24 @@ class ChatSession:
         self.namespace = namespace
         self.history: TokenArray = np.empty(0, dtype=np.int64)
         self.node_id: str | None = None
+        #: Tokens the first turn found cached (a shared system prompt): not the conversation's own.
+        self.shared_tokens = 0
+        self._ended = False
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
 
     def prompt(self, user_tokens: Any) -> RouteResult:
         """Route the history plus ``user_tokens``; the caller computes the remaining tokens."""
         prompt = np.concatenate([self.history, np.asarray(user_tokens, dtype=np.int64)])
         result = self._client.route_and_lookup(prompt, self.namespace)
+        if self.node_id is None:  # the first turn
+            self.shared_tokens = result.matched_tokens
         self.node_id = result.node_id
+        self._ended = False
         return result
 
     def complete(self, result: RouteResult, response_tokens: Any, kv: torch.Tensor) -> StoreResult:
@@ -598,3 +686,19 @@ class ChatSession:
             self._client.release(result)
         self.history = full
         return stored
+
+    def end(self) -> int:
+        """The conversation is over: its node demotes what only it cached past
+        :attr:`shared_tokens` (see :meth:`KVClient.end_conversation`). Returns the tokens
+        demoted; 0 when nothing was stored, when already ended, or when the node does not
+        answer (a hint: its blocks then age out as usual). A later :meth:`prompt` continues
+        the conversation anyway."""
+        if self._ended or not self.history.size or self.node_id is None:
+            return 0
+        self._ended = True
+        try:
+            return self._client.end_conversation(self.history, self.namespace, node=self.node_id,
+                                                 keep_tokens=self.shared_tokens)
+        except NodeUnavailable:
+            logger.info("conversation %s: node %s did not take its end", self.conversation_id, self.node_id)
+            return 0

@@ -81,6 +81,11 @@ class NodeActor:
         namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
         return self._node.store(tokens, payload, namespace, lease_id, generated_tokens).to_wire()
 
+    def end_conversation(self, keep_tokens: int, *prompt_wire: bytes) -> int:
+        """:meth:`NodeEngine.end_conversation` of the prompt in ``prompt_wire``."""
+        namespace, tokens = prompt_from_wire(prompt_wire, self._prompts)
+        return self._engine.end_conversation(tokens, namespace, keep_tokens)
+
     def release(self, lease_id: str | None) -> bool:
         """Release ``lease_id``; ``None`` (an export that found nothing) is a no-op."""
         return lease_id is not None and self._engine.release(lease_id)

@@ -155,7 +155,8 @@ class NodeEngine:
         # One thread, so spills are written in eviction order and drain_spills() is a barrier.
         self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
-                          "migrations_in": 0, "migrations_out": 0}
+                          "migrations_in": 0, "migrations_out": 0, "ended_conversations": 0,
+                          "demoted_tokens": 0}
         self._publisher = RegistryPublisher(
             node_id,
             registry,
@@ -433,6 +434,18 @@ class NodeEngine:
             return True
         return self._spill.store.wait_idle(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
+    def end_conversation(self, tokens: object, namespace: str = "default", keep_tokens: int = 0) -> int:
+        """The conversation whose history is ``tokens`` is over: what only it cached, past
+        its first ``keep_tokens`` tokens (the prefix it found cached when it began), is
+        evicted first from now on (and so spilled to a lower tier first), ahead of blocks that
+        may still be used. Returns the tokens demoted (see :meth:`PrefixIndex.demote`)."""
+        token_ids = self._tokens(tokens, check_range=False)
+        with self._lock:
+            demoted = self._index.demote(token_ids, namespace, keep_tokens=keep_tokens)
+            self._counters["ended_conversations"] += 1
+            self._counters["demoted_tokens"] += demoted
+        return demoted
+
     # --- migration ---------------------------------------------------------------------------
 
     def export_prefix(self, tokens: object, namespace: str = "default") -> KVPages | None:
@@ -559,6 +572,8 @@ class NodeEngine:
                 evictions=dict(cache.evictions),
                 migrations_in=self._counters["migrations_in"],
                 migrations_out=self._counters["migrations_out"],
+                ended_conversations=self._counters["ended_conversations"],
+                demoted_tokens=self._counters["demoted_tokens"],
                 registry_errors=self._publisher.errors,
             )
 

@@ -111,4 +111,6 @@ class NodeStats:
     evictions: dict[str, int] = field(default_factory=dict)
     migrations_in: int = 0
     migrations_out: int = 0
+    ended_conversations: int = 0
+    demoted_tokens: int = 0
     registry_errors: int = 0

@@ -48,6 +48,10 @@ class IndexBlockCache:
     def leading_hits(self, ids: Sequence[int]) -> int:
         return self._index.peek(np.asarray(ids, dtype=np.int64)) if ids else 0
 
+    def end(self, ids: Sequence[int], keep: int) -> None:
+        if ids:
+            self._index.demote(np.asarray(ids, dtype=np.int64), keep_tokens=keep)
+
     def insert(self, ids: Sequence[int], generated_tokens: int | None = None,
                ) -> tuple[list[int], list[tuple[int, int, int]]]:
         """Serve a chain as a node does: look it up (a use of what it finds), make room, store

@@ -23,6 +23,12 @@ default. ``kvcluster simulate --node-cache index:POLICY`` replays with the node 
 prefix index instead (:class:`kvcluster.sim_cache.IndexBlockCache`), its eviction policy
 told each request's generated length.
 
+Session ends (``session_ends``, ``kvcluster simulate --session-ends``): the trace has no
+conversation ids, so the replay derives, from the whole trace, where each conversation ends
+(:func:`conversation_ends`) and tells the node that served a conversation's last request
+that it is over, as a client calling ``ChatSession.end()`` would. This measures what
+explicit ends are worth; it is information a plain replay does not have.
+
 Reported per policy: block hit rate, tokens saved, load imbalance (max / mean requests per
 node) and the routing overhead per request (for the router: :meth:`Router.route_hashes`
 minus the time spent inside registry calls).
@@ -118,6 +124,11 @@ class BlockCache(Protocol):
         to the registry."""
         ...
 
+    def end(self, ids: Sequence[int], keep: int) -> None:
+        """The conversation whose history is ``ids`` is over: its blocks past the first
+        ``keep`` go first when room is needed."""
+        ...
+
 
 CacheFactory = Callable[[int], BlockCache]
 
@@ -176,6 +187,15 @@ class LRUBlockCache:
         return [d for d in new if ids[d] not in gone], [e for e in evicted if e[0] not in added]
 
 
+    def end(self, ids: Sequence[int], keep: int) -> None:
+        """To the front of the LRU, deepest first (so the chain's tail goes before its head)."""
+        blocks = self._blocks
+        for block in ids[keep:]:
+            if block not in blocks:
+                break
+            blocks.move_to_end(block, last=False)
+
+
 def _runs(depths: Iterable[int]) -> Iterator[tuple[int, int]]:
     """Consecutive runs ``[start, stop)`` of sorted depths."""
     start = prev = None
@@ -227,6 +247,7 @@ class SimulationConfig:
     decode_tokens_per_s: float = 30.0
     seed: int = 0
     router: RouterConfig = field(default_factory=RouterConfig)
+    session_ends: bool = False
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -320,6 +341,56 @@ def infinite_cache(requests: Sequence[TraceRequest], block_tokens: int) -> tuple
         saved += min(count * block_tokens, request.input_tokens)
         seen.update(ids)
     return (hits / total if total else 0.0), saved
+
+
+def conversation_ends(requests: Sequence[TraceRequest], block_tokens: int) -> dict[int, int]:
+    """Where each conversation of a trace ends: ``{i: first}`` for each request ``i`` after
+    which no later request shares more of its chain than its conversation's first request
+    ``first`` found already there (a system prompt, a document: not the conversation's own).
+
+    A request continues the latest earlier one whose full blocks (``input_tokens //
+    block_tokens``, at least one) its chain starts with, deepest first; a conversation is
+    such a line of continuations. Two passes over prefix tries: O(blocks in the trace).
+    """
+    count = len(requests)
+    first = list(range(count))
+    seen_before = [0] * count
+    trie: dict[int, Any] = {}  # block -> [children, the latest request whose full blocks end here]
+    for j, request in enumerate(requests):
+        children, depth, continued = trie, 0, -1
+        for block in request.block_ids:
+            node = children.get(block)
+            if node is None:
+                break
+            depth += 1
+            if node[1] >= 0:
+                continued = node[1]
+            children = node[0]
+        seen_before[j] = depth
+        if continued >= 0:
+            first[j] = first[continued]
+        full = request.input_tokens // block_tokens
+        children = trie
+        for depth, block in enumerate(request.block_ids, 1):
+            node = children.setdefault(block, [{}, -1])
+            if depth == full:
+                node[1] = j
+            children = node[0]
+    ends: dict[int, int] = {}
+    later: dict[int, Any] = {}  # block -> children, over the requests after the one at hand
+    for i in range(count - 1, -1, -1):
+        level, shared = later, 0
+        for block in requests[i].block_ids:
+            if block not in level:
+                break
+            level = level[block]
+            shared += 1
+        if shared <= seen_before[first[i]]:
+            ends[i] = first[i]
+        children = later
+        for block in requests[i].block_ids:
+            children = children.setdefault(block, {})
+    return ends
 
 
 def simulate(requests: Sequence[TraceRequest], config: SimulationConfig,
@@ -429,6 +500,10 @@ def _run_policy(policy: str, requests: Sequence[TraceRequest], config: Simulatio
         def choose(i: int, keys: BlockHashArray) -> str:
             return router.route_hashes(keys).node_id
 
+    # session ends: request -> its conversation's first; the first's hits are what the client
+    # saw cached when the conversation began (ChatSession.shared_tokens)
+    ends = conversation_ends(requests, config.block_tokens) if config.session_ends else {}
+    hits_of = [0] * len(requests)
     per_node = dict.fromkeys(cluster.node_ids, 0)
     overheads = np.empty(len(requests))
     registry_times = np.zeros(len(requests))
@@ -446,6 +521,9 @@ def _run_policy(policy: str, requests: Sequence[TraceRequest], config: Simulatio
         registry_times[i] = inside
         per_node[node] += 1
         hits = cluster.serve(node, request, keys, request.timestamp_s)
+        hits_of[i] = hits
+        if i in ends:
+            cluster.caches[node].end(request.block_ids, hits_of[ends[i]])
         hit_blocks += hits
         total_blocks += len(request.block_ids)
         saved += min(hits * config.block_tokens, request.input_tokens)

@@ -44,6 +44,8 @@ def test_multi_turn_chat() -> None:
     # Each later turn reuses exactly the history: the previous prompt and its 60-token response.
     for (prev_prompt, _), (_, cached) in itertools.pairwise(turns):
         assert cached == prev_prompt + 60
+    # Leaving the session ended it: its whole history (nothing was cached before it) goes first.
+    assert f"ended: {turns[-1][0] + 60} tokens of {turns[-1][0] + 60} first in line" in out
 
 
 def test_hf_generate() -> None:

@@ -3,7 +3,7 @@
     kvcluster simulate [--trace FILE] [--nodes 8] [--capacity-fraction 0.05] [--config FILE]
                        [--prefill-tokens-per-s 10000] [--decode-tokens-per-s 30] [--seed 0]
                        [--limit N] [--policies router,round_robin,random,consistent_hash]
-                       [--node-cache lru|index:lru|index:lfu|index:reuse] [--json]
+                       [--node-cache lru|index:lru|index:lfu|index:reuse] [--session-ends] [--json]
 
 The trace is Mooncake-format JSONL (``timestamp`` ms, ``input_length``, ``output_length``,
 ``hash_ids`` of 512-token blocks); by default ``../shared/traces/synthetic_trace.jsonl`` when
@@ -13,7 +13,9 @@ index under one of its eviction policies (``index:lru``, ``index:lfu``, ``index:
 last learns from each request's generated length). The router's settings come from
 ``router:`` in ``--config``. Prints, per policy, the block hit
 rate, its share of an infinite single cache's, tokens saved, load imbalance (max / mean
-requests per node) and routing overhead per request.
+requests per node) and routing overhead per request. ``--session-ends`` tells each node when a
+conversation it served is over, as ``ChatSession.end()`` does; the trace has no conversation
+ids, so the ends are derived from the whole trace (``routing.simulator.conversation_ends``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--node-cache", default="lru", metavar="CACHE",
                         help="each node's cache: lru (the simulator's, default) or index:POLICY "
                         "(the node engine's prefix index; POLICY lru, lfu or reuse)")
+    parser.add_argument("--session-ends", action="store_true",
+                        help="tell each node when a conversation served there ends, as ChatSession.end() "
+                        "does (derived from the whole trace, which has no conversation ids)")
     add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         decode_tokens_per_s=args.decode_tokens_per_s,
         seed=args.seed,
         router=config_from(args).router,
+        session_ends=args.session_ends,
     )
     report = simulate(load_mooncake_trace(trace, limit=args.limit), config, policies,
                       cache_factory=node_cache_factory(args.node_cache))

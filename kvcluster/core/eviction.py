@@ -47,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Literal
 
-from kvcluster.core.radix_node import RadixNode
+from kvcluster.core.radix_node import UNRANKED, RadixNode
 from kvcluster.core.reuse_model import ReuseModel, ReuseRecord
 from kvcluster.errors import InvalidArgument
 
@@ -221,6 +221,39 @@ class EvictionPolicy:
         except that ``reuse``, which breaks rank ties by depth, re-enters it at its new end."""
         if self.uses_reuse:
             self._rank(node)
+
+    def demote(self, chain: list[RadixNode]) -> None:
+        """Put ``chain`` at the front of the order, deepest first: a leaf and its ancestors
+        up to a node no other branch goes through, all tracked (the sequence they hold will
+        not be used again). The front stays a leaf, each node stays ahead of its parent and
+        a later use promotes them as usual.
+
+        ``lru``/``ttl``: to the front, stamped as used no later than the node that was first
+        (so the recency order stays sorted by last use and expiry still meets the oldest
+        first). ``lfu``: use count 0, first of that count. ``reuse``: ranked below any use.
+        """
+        if not chain:
+            return
+        if self.uses_recency:
+            recency = self._recency
+            oldest = min(next(iter(recency)).last_access, chain[0].last_access)
+            for node in reversed(chain):  # shallowest first: the deepest ends up in front
+                node.last_access = min(node.last_access, oldest)
+                recency.move_to_end(node, last=False)
+        if self.uses_frequency:
+            for node in reversed(chain):
+                bucket = self._buckets[node.freq]
+                del bucket[node]
+                if not bucket:
+                    del self._buckets[node.freq]
+                node.freq = 0
+                lowest = self._bucket(0)
+                lowest[node] = None
+                lowest.move_to_end(node, last=False)
+        if self.uses_reuse:
+            for node in chain:
+                node.reuse_value = UNRANKED
+                self._rank(node)
 
     # --- uses ----------------------------------------------------------------------------------
     # ``touch_path(node, now)`` is bound in __init__ to the variant for this policy, so the hot

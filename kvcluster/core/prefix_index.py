@@ -771,6 +771,41 @@ class PrefixIndex(PinsMixin):
             current = parent
         return freed
 
+    def demote(self, tokens: TokenInput, namespace: str = "default", *, keep_tokens: int = 0) -> int:
+        """The cached sequence ``tokens`` will not be continued (its conversation ended): the
+        nodes only it goes through, beyond its first ``keep_tokens`` tokens (e.g. a system
+        prompt it shared with others when it began), become the first to evict.
+
+        Nothing is freed now: a request may still match them, and a use promotes them again.
+        Nothing moves when a longer cached sequence goes through the end of ``tokens``'s match
+        (a fork or a retry continued it), and a pinned node stops the walk. Returns the tokens
+        demoted. :class:`InvalidTokens` / :class:`InvalidArgument` for bad input, which
+        changes nothing.
+        """
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
+        if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int | np.integer) or keep_tokens < 0:
+            raise InvalidArgument(f"keep_tokens must be an integer >= 0, got {keep_tokens!r}")
+        array = as_token_array(tokens)
+        root = self._roots.get(namespace)
+        if root is None:
+            check_token_range(array, 0, self._vocab)
+            return 0
+        node, pos = self._descend(root, array.tobytes(), 0, array.size * ID_BYTES)
+        if pos >> 3 < array.size:
+            check_token_range(array, pos >> 3, self._vocab)
+        if node is None or node.parent is None or pos >> 3 != node.end or node.children:
+            return 0
+        chain: list[RadixNode] = []
+        current = node
+        while current.parent is not None and current.start >= keep_tokens and not current.pin_count:
+            chain.append(current)
+            current = current.parent
+            if len(current.children) != 1:
+                break
+        self._policy.demote(chain)
+        return node.end - chain[-1].start if chain else 0
+
     def clear_namespace(self, namespace: str) -> int:
         """Drop every node and pin of ``namespace``; return the blocks freed (0 if unknown).
         Blocks held by sequences or leases stay allocated with their holders."""

@@ -13,7 +13,8 @@ finds everything before it already computed::
 The first turn of a new conversation starts from the longest cached prefix in its namespace
 (e.g. a shared system prompt): those pages are shared, not written again. A session idle for
 ``idle_ttl_s`` (injected monotonic clock) is closed by :meth:`SessionManager.expire_idle`;
-closing frees the sequence while the index keeps the cached blocks (evictable from then on).
+closing frees the sequence while the index keeps the cached blocks (evictable from then on);
+closing it as ``ended`` also puts what only it cached first in line for eviction.
 
 Errors leave the state unchanged: bad tokens or K/V raise before anything is appended; an
 unknown or closed conversation raises :class:`UnknownSession`.
@@ -61,6 +62,9 @@ class _Conversation:
     seq_id: SequenceId | None
     last_used: float
     turns: int = 0
+    #: Tokens of the history that are not its own: found cached on its first turn, or
+    #: inherited from the conversation it was forked from.
+    shared_tokens: int = 0
 
 
 class Session:
@@ -112,8 +116,8 @@ class Session:
     def fork(self, new_conversation_id: str) -> Session:
         return self._manager.fork(self.conversation_id, new_conversation_id)
 
-    def close(self) -> bool:
-        return self._manager.close(self.conversation_id)
+    def close(self, *, ended: bool = False) -> bool:
+        return self._manager.close(self.conversation_id, ended=ended)
 
 
 class SessionManager:
@@ -181,14 +185,20 @@ class SessionManager:
         self._get(conversation_id)
         return Session(self, conversation_id)
 
-    def close(self, conversation_id: str) -> bool:
-        """Free the conversation's sequence; the index keeps its cached blocks. False if the
-        conversation is not open (closing twice is harmless)."""
+    def close(self, conversation_id: str, *, ended: bool = False) -> bool:
+        """Free the conversation's sequence; the index keeps its cached blocks. ``ended``: the
+        conversation will not be reopened, so what only it cached (past the prefix it shared
+        when it began or was forked) is evicted first from now on (:meth:`PrefixIndex.demote`);
+        an idle or plain close keeps its blocks in their usual place for a reopening. False if
+        the conversation is not open (closing twice is harmless)."""
         conversation = self._conversations.pop(conversation_id, None)
         if conversation is None:
             return False
         if conversation.seq_id is not None:
+            history = self._engine.tokens(conversation.seq_id)
             self._engine.free(conversation.seq_id)
+            if ended:
+                self._index.demote(history, conversation.namespace, keep_tokens=conversation.shared_tokens)
         return True
 
     def expire_idle(self) -> list[str]:
@@ -224,6 +234,7 @@ class SessionManager:
             conversation.seq_id = engine.create_sequence(
                 array, kv[:, :, reused:], shared_blocks=match.block_ids, shared_tokens=reused
             )
+            conversation.shared_tokens = reused
         else:
             engine.append(conversation.seq_id, array, kv)
         seq = conversation.seq_id
@@ -242,7 +253,8 @@ class SessionManager:
         now = self._clock()
         conversation.last_used = now
         self._conversations[new_conversation_id] = _Conversation(
-            new_conversation_id, conversation.namespace, seq, now, conversation.turns
+            new_conversation_id, conversation.namespace, seq, now, conversation.turns,
+            shared_tokens=0 if seq is None else self._engine.num_tokens(seq),
         )
         return Session(self, new_conversation_id)
 

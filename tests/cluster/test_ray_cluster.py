@@ -220,6 +220,20 @@ def test_node_actors_freeze_their_start_up_objects_and_time_gc_pauses(client: KV
         assert len(pauses) == 3, pauses
 
 
+def test_a_session_end_reaches_its_node_through_ray(client: KVClient, kv_model: SyntheticKV) -> None:
+    with client.session("ray-chat", "session-ends") as chat:  # a namespace of its own: nothing shared
+        result = chat.prompt(np.arange(7000, 7100))
+        answer = np.arange(10, 18)
+        chat.complete(result, answer, kv_model.kv(np.concatenate([result.tokens, answer])))
+        assert chat.node_id is not None
+        node = client.node_handle(chat.node_id)
+        before = node.call("stats")
+    after = node.call("stats")
+    assert after.ended_conversations == before.ended_conversations + 1
+    assert after.demoted_tokens == before.demoted_tokens + 108
+    assert asyncio.run(client.aend_conversation(chat.history, "session-ends")) == 108
+
+
 def test_pools_return_to_baseline(client: KVClient) -> None:
     for stats in client.node_stats().values():
         assert stats.leases == 0

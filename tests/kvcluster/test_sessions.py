@@ -180,3 +180,64 @@ def test_manager_rejects_a_mismatched_index_or_ttl() -> None:
     empty = node.sessions.open("empty")
     assert empty.num_tokens == 0 and empty.tokens().size == 0 and empty.read_kv().shape[2] == 0
     assert np.array_equal(empty.fork("empty-2").tokens(), np.empty(0, dtype=np.int64))
+
+
+# --- ending a conversation ------------------------------------------------------------------
+
+OWN_A, OWN_B = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]  # after SYSTEM: 16 tokens, 4 blocks each
+
+
+def open_two_after_the_system_prompt(node: Node) -> None:
+    warmup = node.sessions.open("warmup")
+    warmup.extend(SYSTEM, causal_kv(SYSTEM))
+    warmup.close()
+    for name, own in (("b", OWN_B), ("a", OWN_A)):  # a is the more recent
+        node.sessions.open(name).extend(SYSTEM + own, causal_kv(SYSTEM + own))
+    node.sessions.close("b")
+
+
+def test_closing_an_ended_conversation_demotes_what_only_it_cached(node: Node) -> None:
+    open_two_after_the_system_prompt(node)
+    assert node.sessions.close("a", ended=True)
+    node.index.evict(2)  # a's own node [10, 16): its copy of the straddling third block, the fourth
+    assert node.index.peek(SYSTEM + OWN_A) == len(SYSTEM)
+    assert node.index.peek(SYSTEM + OWN_B) == 16
+    assert node.index.peek(SYSTEM) == len(SYSTEM)
+    assert not node.sessions.close("a", ended=True)  # closing twice is harmless
+    node.check()
+
+
+def test_a_plain_close_keeps_the_ended_conversations_blocks_in_their_place(node: Node) -> None:
+    open_two_after_the_system_prompt(node)
+    node.sessions.close("a")  # a reopening is expected: no demotion
+    node.index.evict(2)
+    assert node.index.peek(SYSTEM + OWN_A) == 16
+    assert node.index.peek(SYSTEM + OWN_B) == len(SYSTEM)
+
+
+def test_an_ended_fork_demotes_only_what_it_added(node: Node) -> None:
+    parent = node.sessions.open("parent")
+    parent.extend(SYSTEM + OWN_A, causal_kv(SYSTEM + OWN_A))
+    child = parent.fork("child")
+    extra, kv = turn(SYSTEM + OWN_A, [60, 61, 62, 63])
+    child.extend(extra, kv)
+    other = node.sessions.open("other")
+    other.extend(SYSTEM + OWN_B, causal_kv(SYSTEM + OWN_B))
+    for name in ("parent", "other"):
+        node.sessions.close(name)
+    child.close(ended=True)
+    node.index.evict(1)
+    assert node.index.peek(SYSTEM + OWN_A + extra) == 16  # the fork's own block went first
+    assert node.index.peek(SYSTEM + OWN_B) == 16
+    node.check()
+
+
+def test_an_ended_conversation_still_serves_until_evicted(node: Node) -> None:
+    chat = node.sessions.open("c")
+    chat.extend(SYSTEM + OWN_A, causal_kv(SYSTEM + OWN_A))
+    chat.close(ended=True)
+    again = node.sessions.open("again")
+    new, kv = turn([], SYSTEM + OWN_A + [99])
+    assert again.extend(new, kv).reused_tokens == 16
+    assert torch.equal(again.read_kv(), causal_kv(SYSTEM + OWN_A + [99]))
+    node.check()

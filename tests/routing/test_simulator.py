@@ -23,6 +23,7 @@ from routing.simulator import (
     SimulationConfig,
     TraceRequest,
     block_keys,
+    conversation_ends,
     infinite_cache,
     load_mooncake_trace,
     simulate,
@@ -143,6 +144,9 @@ class _NoCache:
                ) -> tuple[list[int], list[tuple[int, int, int]]]:
         return [], []
 
+    def end(self, ids: Sequence[int], keep: int) -> None:
+        pass
+
 
 def test_the_node_cache_is_pluggable() -> None:
     requests = load_mooncake_trace(SAMPLE, limit=50)
@@ -189,3 +193,45 @@ def test_cli_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "random" in capsys.readouterr().out
     assert main(["simulate", "--trace", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_conversation_ends_on_a_hand_built_trace() -> None:
+    requests = [
+        TraceRequest(0, 1024, 1, (1, 2)),  # conversation A begins (nothing seen before)
+        TraceRequest(1, 700, 1, (1, 3)),  # B: shares block 1 only, so its own conversation
+        TraceRequest(2, 1600, 1, (1, 2, 4, 5)),  # A continued: starts with (1, 2), r0's full blocks
+        TraceRequest(3, 600, 1, (6, 7)),  # C, alone
+        TraceRequest(4, 2000, 1, (1, 2, 4, 8)),  # A again (r2's full blocks are (1, 2, 4))
+        TraceRequest(5, 1536, 1, (1, 2, 9)),  # A edited from r0's end: r4 was not the last
+    ]
+    # request -> its conversation's first request; B's first found block 1, so nothing later
+    # shares more of B than that
+    assert conversation_ends(requests, 512) == {1: 1, 3: 3, 5: 0}
+    assert conversation_ends(requests[:5], 512) == {1: 1, 3: 3, 4: 0}
+
+
+@pytest.mark.parametrize("cache_factory", [LRUBlockCache, functools.partial(IndexBlockCache, policy="lru")])
+def test_session_ends_make_room_with_ended_conversations_first(cache_factory: CacheFactory) -> None:
+    requests = [
+        TraceRequest(0, 1536, 1, (10, 11, 12)),  # B, continued at the end
+        TraceRequest(1, 1536, 1, (1, 2, 3)),  # A, more recent than B, never continued
+        TraceRequest(2, 1536, 1, (20, 21, 22)),  # C: needs room for three blocks
+        TraceRequest(3, 2048, 1, (10, 11, 12, 13)),  # B's next turn
+    ]
+    config = {"nodes": 1, "capacity_fraction": 0.6}  # 10 unique blocks: the node holds 6
+    plain = simulate(requests, SimulationConfig(**config), ["round_robin"], cache_factory=cache_factory)
+    ended = simulate(requests, SimulationConfig(**config, session_ends=True), ["round_robin"],
+                     cache_factory=cache_factory)
+    assert plain.capacity_blocks == 6
+    assert plain.result("round_robin").hit_blocks == 0  # C took B's room: A was more recent
+    assert ended.result("round_robin").hit_blocks == 3  # A had ended, so C took A's
+
+
+def test_cli_session_ends(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["simulate", "--trace", str(SAMPLE), "--policies", "router", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--session-ends"]) == 0
+    ended = json.loads(capsys.readouterr().out)
+    assert (plain["config"]["session_ends"], ended["config"]["session_ends"]) == (False, True)
+    assert ended["policies"]["router"]["hit_rate"] > plain["policies"]["router"]["hit_rate"]
