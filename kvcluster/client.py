@@ -37,8 +37,8 @@ import torch
 
 from kvcluster.config import KVClusterConfig
 from kvcluster.core.reuse_model import check_generated_tokens
+from kvcluster.core.token_input import check_keep_tokens
 from kvcluster.errors import (
-    InvalidArgument,
     InvalidKV,
     InvalidTokens,
     NodeUnavailable,
@@ -116,12 +116,6 @@ def as_tokens(tokens: Any, vocab_size: int) -> TokenArray:
         bad = low if low < 0 else high
         raise InvalidTokens(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return array
-
-
-def _check_keep_tokens(keep_tokens: object) -> int:
-    if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int | np.integer) or keep_tokens < 0:
-        raise InvalidArgument(f"keep_tokens must be an integer >= 0, got {keep_tokens!r}")
-    return int(keep_tokens)
 
 
 class KVClient:
@@ -492,14 +486,10 @@ class KVClient:
 
         With ``node`` given, :class:`NodeUnavailable` if it does not answer; told to every
         node, one that does not answer is skipped (its copy just ages out as usual)."""
-        token_ids = as_tokens(tokens, self._spec.vocab_size)
-        keep_tokens = _check_keep_tokens(keep_tokens)
-        if node is not None:
-            self.node_handle(node)  # NodeUnavailable for a node not in the deployment
-        ids = prompt_ids(token_ids, self._wire_dtype)
+        ids, keep_tokens, targets = self._end_request(tokens, node, keep_tokens)
         started = [(self._nodes[n], self._start_with_prompt(self._nodes[n], "end_conversation", (keep_tokens,),
                                                               namespace, ids))
-                   for n in ([node] if node is not None else self.nodes)]  # all started, then awaited
+                   for n in targets]  # all started, then awaited
         demoted = 0
         for handle, submitted in started:
             try:
@@ -510,6 +500,15 @@ class KVClient:
                     raise
                 logger.info("node %s did not take the end of a conversation; skipped", handle.node_id)
         return demoted
+
+    def _end_request(self, tokens: Any, node: str | None, keep_tokens: object) -> tuple[bytes, int, list[str]]:
+        """Check an end of conversation's arguments; return the prompt's id bytes, the
+        tokens to keep and the nodes to tell (:class:`NodeUnavailable` for an unknown node)."""
+        token_ids = as_tokens(tokens, self._spec.vocab_size)
+        keep = check_keep_tokens(keep_tokens)
+        if node is not None:
+            self.node_handle(node)
+        return prompt_ids(token_ids, self._wire_dtype), keep, [node] if node is not None else self.nodes
 
     @contextlib.contextmanager
     def lookup(self, tokens: Any, namespace: str = "default") -> Iterator[RouteResult]:
@@ -584,12 +583,7 @@ class KVClient:
     async def aend_conversation(self, tokens: Any, namespace: str = "default", *, node: str | None = None,
                                 keep_tokens: int = 0) -> int:
         """The asyncio form of :meth:`end_conversation` (every node told at once)."""
-        token_ids = as_tokens(tokens, self._spec.vocab_size)
-        keep_tokens = _check_keep_tokens(keep_tokens)
-        if node is not None:
-            self.node_handle(node)
-        ids = prompt_ids(token_ids, self._wire_dtype)
-        targets = [node] if node is not None else self.nodes
+        ids, keep_tokens, targets = self._end_request(tokens, node, keep_tokens)
         replies = await asyncio.gather(
             *(self._acall_with_prompt(self._nodes[n], "end_conversation", (keep_tokens,), namespace, ids)
               for n in targets),

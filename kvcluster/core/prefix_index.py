@@ -83,7 +83,13 @@ from kvcluster.core.radix_walk import (
     walk_batch,
 )
 from kvcluster.core.reuse_model import StoredRequests, check_generated_tokens
-from kvcluster.core.token_input import TokenInput, as_block_table, as_token_array, check_token_range
+from kvcluster.core.token_input import (
+    TokenInput,
+    as_block_table,
+    as_token_array,
+    check_keep_tokens,
+    check_token_range,
+)
 from kvcluster.errors import InvalidArgument, LeaseError
 
 logger = logging.getLogger(__name__)
@@ -784,8 +790,7 @@ class PrefixIndex(PinsMixin):
         """
         if type(namespace) is not str:
             raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
-        if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int | np.integer) or keep_tokens < 0:
-            raise InvalidArgument(f"keep_tokens must be an integer >= 0, got {keep_tokens!r}")
+        keep_tokens = check_keep_tokens(keep_tokens)
         array = as_token_array(tokens)
         root = self._roots.get(namespace)
         if root is None:

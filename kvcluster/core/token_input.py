@@ -78,6 +78,14 @@ def check_token_range(array: Int64Array, start: int, vocab_size: int | None) -> 
         raise InvalidTokens(f"token id {high} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_keep_tokens(keep_tokens: object) -> int:
+    """``keep_tokens`` (a count of leading tokens an operation leaves alone) as an int;
+    :class:`InvalidArgument` unless it is an integer >= 0."""
+    if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, int | np.integer) or keep_tokens < 0:
+        raise InvalidArgument(f"keep_tokens must be an integer >= 0, got {keep_tokens!r}")
+    return int(keep_tokens)
+
+
 def as_block_table(block_ids: Any, expected: int, num_blocks: int, what: str = "block_ids") -> Int64Array:
     """``block_ids`` as a 1-D int64 array of exactly ``expected`` ids in ``[0, num_blocks)``.
 
