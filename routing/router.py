@@ -44,7 +44,13 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from kvcluster.errors import InvalidArgument, NoLiveNodes, RegistryUnavailable
+from kvcluster.errors import (
+    InvalidArgument,
+    NoLiveNodes,
+    RegistryDataError,
+    RegistryUnavailable,
+    RoutingError,
+)
 from routing.block_hashing import BlockHashArray, BlockHasher, as_token_array
 from routing.config import RouterConfig
 from routing.registry import DEFAULT_NAMESPACE, NodeInfo, PrefixHolding, PrefixRegistry, check_chain
@@ -226,7 +232,7 @@ class Router:
         now = self._clock()
         live: dict[str, NodeInfo] | None = None
         holdings: dict[str, PrefixHolding] = {}
-        error: RegistryUnavailable | None = None
+        error: RoutingError | None = None
         if now >= self._retry_at:
             try:
                 live = self._registry.live_nodes()
@@ -234,7 +240,7 @@ class Router:
                     holdings = self._registry.longest_prefix(hashes, namespace)
                 with self._lock:
                     self._registry_up()
-            except RegistryUnavailable as exc:
+            except (RegistryUnavailable, RegistryDataError) as exc:  # a bad answer routes no better
                 error = exc
                 with self._lock:
                     self._registry_failed(exc, now)
@@ -425,7 +431,7 @@ class Router:
         hashes: BlockHashArray,
         fallback_key: int,
         candidates: Sequence[str] | None,
-        error: RegistryUnavailable | None,
+        error: RoutingError | None,
     ) -> RouteDecision:
         """Ring affinity over the caller's candidates or the last known live nodes, when the
         registry is unreachable (``error`` set, or still backing off) or knows no live node."""
@@ -463,7 +469,7 @@ class Router:
             prompt_blocks=int(hashes.size),
         )
 
-    def _registry_failed(self, exc: RegistryUnavailable, now: float) -> None:
+    def _registry_failed(self, exc: RoutingError, now: float) -> None:
         self._failures += 1
         if not self._down:
             logger.warning("prefix registry unavailable, routing by ring affinity: %s", exc)

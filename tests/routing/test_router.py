@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvcluster.errors import InvalidArgument, NoLiveNodes, RegistryUnavailable
+from kvcluster.errors import InvalidArgument, NoLiveNodes, RegistryDataError, RegistryUnavailable
 from routing.block_hashing import BlockHashArray, BlockHasher
 from routing.config import RegistryConfig, RouterConfig
 from routing.memory_registry import InMemoryRegistry
@@ -192,12 +192,13 @@ def test_ring_moves_only_the_keys_of_a_removed_node() -> None:
 
 
 class FlakyRegistry:
-    """Fault injection by wrapping: raises RegistryUnavailable while ``down``."""
+    """Fault injection by wrapping: raises ``error`` (RegistryUnavailable) while ``down``."""
 
     def __init__(self, inner: InMemoryRegistry) -> None:
         self.inner = inner
         self.down = False
         self.calls = 0
+        self.error: Exception = RegistryUnavailable("injected: connection refused")
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -207,7 +208,7 @@ class FlakyRegistry:
         def call(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
             if self.down:
-                raise RegistryUnavailable("injected: connection refused")
+                raise self.error
             return attr(*args, **kwargs)
 
         return call
@@ -249,6 +250,25 @@ def test_registry_outage_falls_back_logs_once_and_recovers(caplog: pytest.LogCap
     assert (recovered.node_id, recovered.fallback, router.registry_down) == ("c", None, False)
     stats = router.stats()
     assert stats.unavailable_fallbacks == 1 + 5 + 8 and stats.by_prefix == 2
+
+
+def test_an_error_reply_from_the_registry_degrades_like_an_outage() -> None:
+    """A registry that answers with an error (a Redis error reply, a reply it cannot parse)
+    routes no better than one that does not answer: the request still gets a node."""
+    cluster = Cluster(["a", "b", "c"])
+    flaky = FlakyRegistry(cluster.registry)
+    router = Router(flaky, RouterConfig(), HASHER, clock=cluster.clock)  # type: ignore[arg-type]
+    chain = HASHER.hash_chain(tokens(9))
+    cluster.hold("c", chain)
+    assert router.route_hashes(chain).node_id == "c"
+    flaky.down, flaky.error = True, RegistryDataError("injected: ERR unexpected reply")
+    decision = router.route_hashes(chain)
+    assert decision.fallback == "registry_unavailable"
+    assert "ERR unexpected reply" not in decision.reason  # the reason names the fallback, the log the error
+    assert router.registry_down and router.stats().registry_failures == 1
+    flaky.down = False
+    cluster.clock.advance(RouterConfig().registry_retry_s)
+    assert router.route_hashes(chain).node_id == "c" and not router.registry_down
 
 
 def test_outage_before_any_answer() -> None:
