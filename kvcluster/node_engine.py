@@ -416,13 +416,21 @@ class NodeEngine:
         """On the spill writer: each eviction's pages in one batched put, then their
         moved-tier events (removed for the pages no tier had room for)."""
         assert self._spill is not None
-        for batch in pending:
-            requests = [SpillRequest(key.block_hash, key.namespace, tokens, key.family, key.position)
-                        for key, tokens in zip(batch.keys, batch.token_bytes, strict=True)]
-            tiers = self._spill.spill_many(requests, batch.pages)
-            for event in coalesced_events(batch.keys, tiers):
-                self._publisher.add(event)
-        self._publisher.flush()
+        try:
+            for batch in pending:
+                requests = [SpillRequest(key.block_hash, key.namespace, tokens, key.family, key.position)
+                            for key, tokens in zip(batch.keys, batch.token_bytes, strict=True)]
+                tiers: list[str | None]
+                try:
+                    tiers = self._spill.spill_many(requests, batch.pages)
+                except Exception:  # a fault of the spill tiers must not leave the registry believing it
+                    logger.exception("node %s: spilling %d evicted page(s) failed; they are dropped",
+                                     self.node_id, len(requests))
+                    tiers = [None] * len(requests)
+                for event in coalesced_events(batch.keys, tiers):
+                    self._publisher.add(event)
+        finally:
+            self._publisher.flush()
 
     def drain_spills(self, timeout_s: float | None = None) -> bool:
         """Wait until every eviction queued so far is written to the spill tiers, and the

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.errors import InvalidKV, InvalidTokens, LeaseError, RegistryUnavailable
+from kvcluster.errors import InvalidKV, InvalidTokens, LeaseError, RegistryUnavailable, TierIOError
 from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.node_engine import NodeEngine
 from kvcluster.synthetic_kv import SyntheticKV
@@ -356,6 +356,44 @@ def test_evicted_blocks_are_published_on_their_spill_tier_or_removed(
         assert holding is not None and holding.num_blocks == kept.matched_tokens // 16
         assert holding.gpu_blocks == kept.blocks_per_tier.get("gpu", 0)
         assert holding.cpu_blocks == kept.blocks_per_tier.get("cpu", 0) > 0
+        node.check_invariants()
+    finally:
+        node.shutdown()
+
+
+def test_a_failed_spill_is_published_as_removed_and_later_spills_go_on(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 64}, "tiers": {"cpu": {"capacity": "4MiB"}}, "registry": {"index_stride_blocks": 1},
+    })
+    node = NodeEngine("n0", config, registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+    try:
+        assert node._spill is not None
+        real_spill_many = node._spill.spill_many
+        calls = []
+
+        def failing_once(*args: Any) -> Any:
+            calls.append(len(args[0]))
+            if len(calls) == 1:
+                raise TierIOError("injected: the host tier failed")
+            return real_spill_many(*args)
+
+        monkeypatch.setattr(node._spill, "spill_many", failing_once)
+        hasher = BlockHasher(config.hashing.algorithm, 16, b"", config.model.fingerprint())
+        first = np.arange(10000, 10160)  # 10 blocks, the oldest in a 64-block pool
+        store_all(node, kv_model, first)
+        for i in range(6):  # 60 more blocks: the 7th store evicts first's last 6 (the failing spill)
+            store_all(node, kv_model, np.arange(160) + 12000 + 200 * i)
+        store_all(node, kv_model, np.arange(160) + 14000)  # and the next one its first 4
+        node.drain_spills()
+        assert calls == [6, 10]
+        holding = registry.inner.longest_prefix(hasher.hash_chain(first)).get("n0")
+        assert holding is not None and (holding.num_blocks, holding.cpu_blocks) == (4, 4)  # the 6 were removed
+        kept = node.lookup(first)
+        assert (kept.matched_tokens, kept.blocks_per_tier) == (64, {"gpu": 0, "cpu": 4})
+        assert kept.lease_id is not None
+        node.release(kept.lease_id)
         node.check_invariants()
     finally:
         node.shutdown()
