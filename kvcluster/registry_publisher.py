@@ -12,9 +12,16 @@ holds, so routing recovers within one heartbeat period. Entries are also re-anno
 ``entry_ttl_s / 2`` so that live entries never expire.
 
 Publishing is a group commit: a call that flushes returns once its own events are published,
-but only one batch per node is in flight at a time, and it carries everything queued until it
-left. Concurrent stores on a busy node therefore share round trips (and Redis Lua calls)
+but only one flush per node publishes at a time (one batch in flight), and it carries
+everything queued until it began. Concurrent stores on a busy node therefore share round trips (and Redis Lua calls)
 instead of each paying one, and batches reach the registry in sequence order.
+
+No batch carries more than ``max_batch_ops`` registry operations (checkpoint keys, counted as
+the registry counts them): a flush with more queued (a re-announce of a node holding a million
+blocks) sends consecutive batches one after another, splitting an event that is larger than
+the limit by itself into runs of consecutive positions. Each batch is applied atomically on
+its own; if one fails, the rest are not sent and the publisher resyncs (a new epoch fences
+the batches that did get through, and the re-announce replaces them).
 
 A call that need not wait (a pull's import: the request that caused it is sent to the
 importing node directly) asks for :meth:`publish_soon`: its events go out on the publisher's
@@ -28,12 +35,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvcluster.errors import RegistryDataError, RoutingError
 from routing.config import RegistryConfig
-from routing.registry import BlockEvent, EventBatch, NodeLoad, PrefixRegistry, PublishStatus
+from routing.registry import (
+    BlockEvent,
+    EventBatch,
+    NodeLoad,
+    PrefixRegistry,
+    PublishStatus,
+    checkpoint_count,
+    split_event,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +70,7 @@ class RegistryPublisher:
         self._load = load
         self._announce_all = announce_all
         self._clock = clock
+        self._stride = registry.index_stride
         self._lock = threading.Lock()  # guards the queue, epoch, seq and the outage flag
         self._publish_lock = threading.Lock()  # one batch in flight at a time
         self._pending: list[BlockEvent] = []
@@ -110,8 +126,9 @@ class RegistryPublisher:
 
     def flush(self) -> bool:
         """Publish the events queued so far; return once they are published, by this call or
-        by a concurrent one that carried them. False (events dropped, resync scheduled) when
-        the registry cannot be reached, fenced this epoch or lost earlier batches of it."""
+        by a concurrent one that carried them, in one or more consecutive batches of at most
+        ``max_batch_ops`` operations each. False (events dropped, resync scheduled) when the
+        registry cannot be reached, fenced this epoch or lost earlier batches of it."""
         with self._lock:
             if self._needs_resync or not self.epoch:
                 return not self._needs_resync
@@ -124,22 +141,31 @@ class RegistryPublisher:
                     return False
                 if self._carried >= wanted:
                     return True  # a batch published while this call waited carried them
-                events, self._pending = tuple(self._pending), []
+                events, self._pending = self._pending, []
                 carried = self._queued
-                self._seq += 1
-                batch = EventBatch(self._node_id, self.epoch, self._seq, events)
-            try:
-                result = self._registry.publish(batch)
-            except RoutingError as exc:  # unreachable, fenced, or an error reply (OOM, MISCONF)
-                self._failed(exc)
-                return False
-            if result.status not in (PublishStatus.APPLIED, PublishStatus.DUPLICATE):
-                # The registry lost this epoch's earlier batches (restarted empty or from an
-                # older snapshot): nothing would fill the gap, so register and re-announce.
-                self._failed(RegistryDataError(f"batch {batch.seq} was {result.status.value}"))
-                return False
+                epoch = self.epoch
+            for chunk in _chunks(events, self._stride, self._config.max_batch_ops):
+                with self._lock:
+                    if self._needs_resync:
+                        return False  # a heartbeat failed meanwhile: the resync re-announces
+                    if self.epoch != epoch:
+                        # Re-registered meanwhile (which counted these events as carried): its
+                        # re-announce, published next, supersedes the rest of this flush.
+                        break
+                    self._seq += 1
+                    batch = EventBatch(self._node_id, epoch, self._seq, chunk)
+                try:
+                    result = self._registry.publish(batch)
+                except RoutingError as exc:  # unreachable, fenced, or an error reply (OOM, MISCONF)
+                    self._failed(exc)
+                    return False
+                if result.status not in (PublishStatus.APPLIED, PublishStatus.DUPLICATE):
+                    # The registry lost this epoch's earlier batches (restarted empty or from an
+                    # older snapshot): nothing would fill the gap, so register and re-announce.
+                    self._failed(RegistryDataError(f"batch {batch.seq} was {result.status.value}"))
+                    return False
             with self._lock:
-                # max: a re-registration meanwhile may have moved it past this batch
+                # max: a re-registration meanwhile may have moved it past this flush
                 self._carried = max(self._carried, carried)
         self._recovered()
         return True
@@ -214,3 +240,25 @@ class RegistryPublisher:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+def _chunks(events: Sequence[BlockEvent], stride: int, max_ops: int) -> Iterator[tuple[BlockEvent, ...]]:
+    """``events`` in order, cut into runs of at most ``max_ops`` checkpoint operations (an
+    event over the limit by itself is split into consecutive pieces first). Events without a
+    checkpoint cost the registry nothing and ride along with their neighbours. Yields nothing
+    for no events."""
+    chunk: list[BlockEvent] = []
+    ops = 0
+    for event in events:
+        cost = checkpoint_count(event, stride)
+        pieces = [(event, cost)] if cost <= max_ops else [
+            (piece, checkpoint_count(piece, stride)) for piece in split_event(event, stride, max_ops)
+        ]
+        for piece, cost in pieces:
+            if chunk and ops + cost > max_ops:
+                yield tuple(chunk)
+                chunk, ops = [], 0
+            chunk.append(piece)
+            ops += cost
+    if chunk:
+        yield tuple(chunk)

@@ -36,9 +36,10 @@ which :meth:`~PrefixRegistry.needs_resync` and a ``False`` heartbeat reveal).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from typing import Protocol, runtime_checkable
 
@@ -331,6 +332,40 @@ def checkpoint_slice(first_position: int, stride: int) -> slice:
     """The indices of a run starting at depth ``first_position`` that are checkpoints
     (depth ``d`` with ``(d + 1) % stride == 0``)."""
     return slice((stride - 1 - first_position) % stride, None, stride)
+
+
+def checkpoint_count(event: BlockEvent, stride: int) -> int:
+    """How many registry operations ``event`` costs: its checkpoint keys (what
+    :func:`flatten_events` and the Redis ops blob carry for it; other depths are dropped)."""
+    return len(range(checkpoint_slice(event.first_position, stride).start, event.hashes.size, stride))
+
+
+def split_event(event: BlockEvent, stride: int, max_ops: int) -> list[BlockEvent]:
+    """``event`` cut into runs of consecutive positions of at most ``max_ops`` checkpoints
+    each, in chain order; together they flatten to exactly the operations of ``event``.
+
+    Each piece but the last ends on its ``max_ops``-th checkpoint; the blocks after the last
+    checkpoint (dropped by the registry) ride with the last piece::
+
+        stride 4, max_ops 2:  depth  0 1 2 3 4 5 6 7 8 9 10 11 12 13
+                              ckpt         ^       ^           ^           (depth % 4 == 3)
+                              piece  [ 0 .. 7 ][ 8 .. 13 ]
+    """
+    check_positive_int("max_ops", max_ops)
+    total = checkpoint_count(event, stride)
+    if total <= max_ops:
+        return [event]
+    first = checkpoint_slice(event.first_position, stride).start  # index of the first checkpoint
+    # piece j ends just after checkpoint number (j + 1) * max_ops - 1 (0-based); the last at the end
+    ends = [first + ((j + 1) * max_ops - 1) * stride + 1 for j in range((total - 1) // max_ops)]
+    bounds = [0, *ends, event.hashes.size]
+    return [_slice_event(event, start, end) for start, end in itertools.pairwise(bounds)]
+
+
+def _slice_event(event: BlockEvent, start: int, end: int) -> BlockEvent:
+    # The family is the chain's first key whichever piece this is, so a piece that does not
+    # start at depth 0 stays valid (family is given, not derived from hashes[0]).
+    return replace(event, first_position=event.first_position + start, hashes=event.hashes[start:end])
 
 
 def lookup_probes(hashes: BlockHashArray, stride: int) -> BlockHashArray:

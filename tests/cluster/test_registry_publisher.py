@@ -17,6 +17,8 @@ from routing.registry import BlockEvent, EventBatch, NodeLoad, PublishResult, Pu
 class SlowRegistry:
     """Records every batch; with ``hold``, the first publish waits until the test lets it go."""
 
+    index_stride = 1
+
     def __init__(self, hold: bool = False) -> None:
         self.batches: list[EventBatch] = []
         self.hold = hold
