@@ -8,7 +8,9 @@ construction arguments are plain picklable values). Semantics are those of the p
 Layout: ``families[(namespace, family)] -> {block key -> {incarnation -> tier}}``. Each
 registration of a node gets a fresh small *incarnation* id; fencing an old epoch is just
 forgetting its incarnation, so its entries stop matching at once and are reclaimed by the
-next sweep (a purge, or the periodic expiry sweep) instead of in the caller's path.
+next sweep (a purge, or the periodic expiry sweep) instead of in the caller's path. An id
+forgotten since the last sweep is *retired*: reissuing it (once the 16-bit id counter comes
+round to it) runs the sweep first, so a recycled id never adopts its old records.
 
 Time comes from the injected ``clock`` (seconds, monotonic), so tests drive TTLs directly.
 Thread-safety: every public method takes ``self._lock``; nothing is called out while held.
@@ -84,6 +86,7 @@ class InMemoryRegistry:
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
         self._incarnations: dict[int, str] = {}
+        self._retired: set[int] = set()  # ids forgotten since the last sweep
         self._next_incarnation = 0
         self._families: dict[FamilyKey, _Family] = {}
         self._next_sweep = clock() + config.entry_ttl_s / 4
@@ -108,15 +111,21 @@ class InMemoryRegistry:
             old = self._nodes.get(node_id)
             epoch = max(old.epoch if old else 0, previous_epoch) + 1
             if old is not None:
-                self._incarnations.pop(old.incarnation, None)
-            incarnation = self._allocate_incarnation(node_id)
+                self._forget(old.incarnation)
+            incarnation = self._allocate_incarnation(node_id, now)
             self._nodes[node_id] = _Node(epoch, incarnation, now)
             return epoch
 
-    def _allocate_incarnation(self, node_id: str) -> int:
+    def _forget(self, incarnation: int) -> None:
+        if self._incarnations.pop(incarnation, None) is not None:
+            self._retired.add(incarnation)
+
+    def _allocate_incarnation(self, node_id: str, now: float) -> int:
         for _ in range(MAX_INCARNATIONS):
             self._next_incarnation = self._next_incarnation % MAX_INCARNATIONS + 1
             if self._next_incarnation not in self._incarnations:
+                if self._next_incarnation in self._retired:
+                    self._sweep(now)  # its old records must go before the id is reissued
                 self._incarnations[self._next_incarnation] = node_id
                 return self._next_incarnation
         raise RoutingError(f"no free incarnation id for node {node_id!r} ({MAX_INCARNATIONS} in use)")
@@ -157,7 +166,7 @@ class InMemoryRegistry:
             node = self._nodes.pop(node_id, None)
             if node is None:
                 return False
-            self._incarnations.pop(node.incarnation, None)
+            self._forget(node.incarnation)
             self._sweep(self._clock())
             return True
 
@@ -323,6 +332,7 @@ class InMemoryRegistry:
     def _sweep(self, now: float) -> None:
         """Drop expired families and the records of forgotten incarnations (O(entries))."""
         self._next_sweep = now + self._config.entry_ttl_s / 4
+        self._retired.clear()
         known = self._incarnations
         for fkey in list(self._families):
             family = self._families[fkey]

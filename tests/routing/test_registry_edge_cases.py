@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from kvcluster.errors import InvalidArgument
+from routing.block_hashing import BLOCK_HASH_DTYPE
+from routing.redis_registry import encode_ops
 from routing.registry import (
     BlockEvent,
     EventBatch,
@@ -73,3 +75,12 @@ def test_clear_namespace_counts_only_families_still_there(registry_env: Registry
     registry_env.advance(0.3)
     assert registry.clear_namespace("x") == 0  # its one family had expired
     assert registry.stats().families == 0
+
+
+def test_a_batch_naming_more_families_than_the_blob_can_is_refused() -> None:
+    keys = np.arange(2 * 65536, dtype=np.uint64).view(BLOCK_HASH_DTYPE)  # 65,536 one-block chains
+    events = [BlockEvent.stored(keys[i : i + 1], Tier.GPU) for i in range(65536)]
+    with pytest.raises(InvalidArgument, match="at most 65535 families"):
+        encode_ops(events, 1, lambda namespace, family: family.hex())
+    names, _ = encode_ops(events[:65535], 1, lambda namespace, family: family.hex())
+    assert len(names) == 65535
