@@ -265,16 +265,18 @@ class Router:
 
     def _effective_inflight(self, live: dict[str, NodeInfo]) -> dict[str, int]:
         now = self._clock()
-        beats = self._beat_at
-        since = self._routed_since
+        beats, since = self._beat_at, self._routed_since
+        recent, recent_at_beat = self._recent, self._recent_at_beat
         out = {}
         for node_id, info in live.items():
             beat_at = now - info.heartbeat_age_s
             if beat_at > beats.get(node_id, -math.inf) + 1e-6:
                 beats[node_id] = beat_at
                 since[node_id] = 0
-                self._recent_at_beat[node_id] = self._recent.get(node_id, 0.0)
-            out[node_id] = info.load.inflight_requests + since.get(node_id, 0)
+                recent_at_beat[node_id] = recent.get(node_id, 0.0)
+                out[node_id] = info.load.inflight_requests
+            else:
+                out[node_id] = info.load.inflight_requests + since.get(node_id, 0)
         return out
 
     def _score(
@@ -299,16 +301,19 @@ class Router:
         # score = affinity - load_weight * inflight / (mean + 1) + free_weight * free_fraction,
         # spelled out per node: this loop is most of the router's own time.
         for node_id, info in live.items():
-            holding = holdings.get(node_id)
             weighted = 0.0
-            if holding is not None:
-                weighted = (w_gpu * holding.gpu_blocks + w_cpu * holding.cpu_blocks
-                            + w_nvme * holding.nvme_blocks)
-                if weighted > best_weighted:
-                    best_holder, best_weighted = node_id, weighted
+            if holdings:
+                holding = holdings.get(node_id)
+                if holding is not None:
+                    weighted = (w_gpu * holding.gpu_blocks + w_cpu * holding.cpu_blocks
+                                + w_nvme * holding.nvme_blocks)
+                    if weighted > best_weighted:
+                        best_holder, best_weighted = node_id, weighted
             load = info.load
             total_blocks = load.total_blocks
-            free_fraction = min(1.0, load.free_blocks / total_blocks) if total_blocks else 1.0
+            free_fraction = load.free_blocks / total_blocks if total_blocks else 1.0
+            if free_fraction > 1.0:
+                free_fraction = 1.0
             in_flight = inflight[node_id]
             score = weighted / prompt_blocks - load_penalty * in_flight + free_weight * free_fraction
             scores[node_id] = score
@@ -341,14 +346,10 @@ class Router:
                     + f", {inflight[chosen]} in flight"
                 )
         else:
-            full_below = config.full_free_fraction
-            reported = {
-                n: (info.load.inflight_requests, info.load.free_fraction < full_below) for n, info in live.items()
-            }
             # A prompt shorter than the registry's stride is never found there: balancing it
             # by recent requests would only copy it onto every choice in turn.
             indexable = hashes.size >= self._registry.index_stride
-            chosen = self._place_on_ring(fallback_key, live, eligible, reported, indexable)
+            chosen = self._place_on_ring(fallback_key, live, eligible, indexable)
             fallback = "no_match"
             self._no_match += 1
             held = holdings.get(chosen)
@@ -378,13 +379,12 @@ class Router:
         )
 
     def _place_on_ring(
-        self, key: int, live: Iterable[str], eligible: Container[str], load: dict[str, tuple[int, bool]],
-        balance_recent: bool,
+        self, key: int, live: dict[str, NodeInfo], eligible: Container[str], balance_recent: bool,
     ) -> str:
         """Of the first ``fallback_choices`` eligible nodes in the ring order of ``key``: the
         one this router sent the fewest recent requests (when ``balance_recent``), then the
-        fewest in flight, then not full (``load`` holds both), then ring order, so the first
-        is the prefix's home.
+        fewest in flight and then not full (as the nodes reported in ``live``), then ring
+        order, so the first is the prefix's home.
 
         Recent requests, not in-flight ones, come first: what a node caches is what it was
         sent, so balancing placements balances both the requests and the cache pressure of
@@ -404,10 +404,16 @@ class Router:
                 if len(choices) == self._config.fallback_choices:
                     break
         assert choices, "the ring holds every live node and at least one is eligible"
+        full_below = self._config.full_free_fraction
+
+        def reported(node: str) -> tuple[int, bool]:
+            load = live[node].load
+            return load.inflight_requests, load.free_fraction < full_below
+
         if not balance_recent:
-            return min(choices, key=load.__getitem__)
+            return min(choices, key=reported)
         recent = self._recent_at_beat
-        return min(choices, key=lambda node: (recent.get(node, 0.0), load[node]))
+        return min(choices, key=lambda node: (recent.get(node, 0.0), *reported(node)))
 
     def _count_recent(self, node: str) -> None:
         """Count a request routed to ``node`` in the recent counts (see ``__init__``)."""
