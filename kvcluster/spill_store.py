@@ -47,7 +47,7 @@ import torch
 from kvcluster.errors import InvalidArgument, KVClusterError, PageCorrupt, TierIOError
 from tiers.config import TiersConfig
 from tiers.factory import build_tiered_store
-from tiers.nvme_file_io import FileIO, PosixFileIO
+from tiers.nvme_file_io import FileIO, PosixFileIO, fsync_dir
 from tiers.page_store import check_batch, check_page
 from tiers.tiered_store import TieredStore
 
@@ -108,14 +108,6 @@ def _decode_log(data: bytes) -> tuple[list[tuple[int, SpilledBlock]], int]:
         offset, key, record = found
         records.append((key, record))
     return records, skipped + len(data) - offset
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tier_key(block_hash: bytes) -> int:
@@ -384,7 +376,7 @@ class SpillStore:
             return
         self._io.close(old_fd)
         try:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:  # a crash may bring the old log back: later spills are dropped then
             logger.warning("spill store: cannot fsync the directory of %s: %s", path, exc)
 
@@ -434,7 +426,7 @@ class SpillStore:
         fd = self._create_log(tmp, data)
         try:
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except BaseException:
             self._io.close(fd)
             raise

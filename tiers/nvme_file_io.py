@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 Buffer = bytes | bytearray | memoryview
@@ -49,3 +50,12 @@ class PosixFileIO:
 
     def fdatasync(self, fd: int) -> None:
         os.fdatasync(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync ``directory``, so that a rename or a new file in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

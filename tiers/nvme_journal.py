@@ -39,7 +39,7 @@ from pathlib import Path
 
 import xxhash
 
-from tiers.nvme_file_io import FileIO
+from tiers.nvme_file_io import FileIO, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class Journal:
         finally:
             self._io.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         if self._fd >= 0:
             self._io.close(self._fd)
         self._fd = self._io.open(str(self.path), os.O_WRONLY | os.O_APPEND, 0o600)
@@ -265,11 +265,3 @@ class Journal:
             if self._fd >= 0:
                 self._io.close(self._fd)
                 self._fd = -1
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,11 +9,31 @@ from typing import Any, TypeVar
 
 from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
+from kvcluster.errors import NodeUnavailable
 from kvcluster.node_actor import NodeActor
-from kvcluster.node_handles import NodeHandle
+from kvcluster.node_handles import LocalNodeHandle, NodeHandle
 from kvcluster.registry_factory import build_registry
 
 HandleT = TypeVar("HandleT", bound=NodeHandle)
+
+
+class SwitchableHandle(LocalNodeHandle):
+    """An in-process node that can be switched off: its calls raise NodeUnavailable while
+    ``down`` is set."""
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        self.down = False
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self.down:
+            raise NodeUnavailable(f"node {self.node_id} is down")
+        return super().call(method, *args)
+
+    async def acall(self, method: str, *args: Any) -> Any:
+        if self.down:
+            raise NodeUnavailable(f"node {self.node_id} is down")
+        return await super().acall(method, *args)
 
 
 @contextmanager

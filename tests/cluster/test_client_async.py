@@ -18,30 +18,20 @@ from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
 from kvcluster.errors import InvalidKV, NodeUnavailable
 from kvcluster.node_actor import NodeActor
-from kvcluster.node_handles import LocalNodeHandle
 from kvcluster.prompt_memory import PromptMemory
 from kvcluster.synthetic_kv import SyntheticKV
-from tests.cluster.in_process import in_process_client
+from tests.cluster.in_process import SwitchableHandle, in_process_client
 
 
-class FlakyHandle(LocalNodeHandle):
-    """An in-process node that can be switched off (its calls raise NodeUnavailable) and
-    counts its asynchronous lookups."""
+class FlakyHandle(SwitchableHandle):
+    """An in-process node that can be switched off and counts its asynchronous lookups."""
 
     def __init__(self, node: Any) -> None:
         super().__init__(node)
-        self.down = False
         self.async_lookups = 0
 
-    def call(self, method: str, *args: Any) -> Any:
-        if self.down:
-            raise NodeUnavailable(f"node {self.node_id} is down")
-        return super().call(method, *args)
-
     async def acall(self, method: str, *args: Any) -> Any:
-        if self.down:
-            raise NodeUnavailable(f"node {self.node_id} is down")
-        self.async_lookups += method == "lookup"
+        self.async_lookups += not self.down and method == "lookup"
         return await super().acall(method, *args)
 
 

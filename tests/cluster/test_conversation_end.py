@@ -15,27 +15,9 @@ from kvcluster.errors import InvalidArgument, InvalidTokens, NodeUnavailable
 from kvcluster.node_actor import NodeActor
 from kvcluster.node_handles import LocalNodeHandle
 from kvcluster.synthetic_kv import SyntheticKV
-from tests.cluster.in_process import in_process_client
+from tests.cluster.in_process import SwitchableHandle, in_process_client
 
 SYSTEM = np.arange(1000, 1064)  # 4 blocks of 16
-
-
-class SwitchableHandle(LocalNodeHandle):
-    """An in-process node whose calls raise NodeUnavailable while ``down``."""
-
-    def __init__(self, node: Any) -> None:
-        super().__init__(node)
-        self.down = False
-
-    def call(self, method: str, *args: Any) -> Any:
-        if self.down:
-            raise NodeUnavailable(f"node {self.node_id} is down")
-        return super().call(method, *args)
-
-    async def acall(self, method: str, *args: Any) -> Any:
-        if self.down:
-            raise NodeUnavailable(f"node {self.node_id} is down")
-        return await super().acall(method, *args)
 
 
 @pytest.fixture

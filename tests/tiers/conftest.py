@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvcluster.spill_store import SpillStore
 from tiers.device_tier import DeviceTier
 from tiers.host_tier import HostTier
 from tiers.nvme_tier import NvmeTier, probe_o_direct
@@ -146,3 +147,12 @@ class GatedTier:
 
     def close(self) -> None:
         self._inner.close()
+
+
+@pytest.fixture
+def made() -> Iterator[list[SpillStore]]:
+    """Spill stores a test makes (it appends them), closed when it ends."""
+    spills: list[SpillStore] = []
+    yield spills
+    for spill in spills:
+        spill.close()

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -67,14 +67,6 @@ class _HookedFileIO(PosixFileIO):
 
 class _Crash(BaseException):
     """The process dying at this point."""
-
-
-@pytest.fixture
-def made() -> Iterator[list[SpillStore]]:
-    spills: list[SpillStore] = []
-    yield spills
-    for spill in spills:
-        spill.close()
 
 
 def _open(made: list[SpillStore], tmp_path: Path, *, file_io: FileIO | None = None, nvme: bool = True,

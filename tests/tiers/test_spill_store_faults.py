@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,6 @@ def _hash(i: int) -> bytes:
 
 def _tokens(i: int) -> np.ndarray:
     return np.arange(i * BS, (i + 1) * BS, dtype=np.int64)
-
-
-@pytest.fixture
-def made() -> Iterator[list[SpillStore]]:
-    spills: list[SpillStore] = []
-    yield spills
-    for spill in spills:
-        spill.close()
 
 
 def _spill_store(
