@@ -115,6 +115,19 @@ def redis_server() -> Iterator[RedisServer]:
     yield from _start_server()
 
 
+@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
+def raw(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """A bare Redis client, on fakeredis and (emptied first) on the module's real server."""
+    if request.param == "fakeredis":
+        client: redis.Redis = fakeredis.FakeRedis()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = server.client()
+        client.flushall()
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def own_redis_server() -> Iterator[RedisServer]:
     """A real server for one test (fault tests stop and restart it)."""

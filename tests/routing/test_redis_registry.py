@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
-import fakeredis
 import numpy as np
 import pytest
 import redis
@@ -24,17 +22,6 @@ _prefixes = itertools.count()
 
 def chain(seed: int, blocks: int = 8) -> BlockHashArray:
     return HASHER.hash_chain(np.arange(blocks * 4, dtype=np.int32) + seed * 10_000)
-
-
-@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
-def raw(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        client: redis.Redis = fakeredis.FakeRedis()
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        client = server.client()
-    yield client
-    client.close()
 
 
 def make(raw: redis.Redis, **overrides: object) -> RedisPrefixRegistry:

@@ -8,9 +8,7 @@ forgotten), but they must be reclaimed, and a recycled incarnation id must never
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
-import fakeredis
 import numpy as np
 import pytest
 import redis
@@ -132,18 +130,6 @@ def test_a_forgotten_id_is_reissued_once_its_records_are_gone(registry_env: Regi
 
 
 # --- Redis: the incremental sweep on the heartbeat ----------------------------------------
-
-
-@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.redis)])
-def raw(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        client: redis.Redis = fakeredis.FakeRedis()
-    else:
-        server: RedisServer = request.getfixturevalue("redis_server")
-        client = server.client()
-        client.flushall()
-    yield client
-    client.close()
 
 
 def make(raw: redis.Redis, **overrides: object) -> RedisPrefixRegistry:

@@ -14,6 +14,7 @@ from tiers.device_tier import DeviceTier
 from tiers.host_tier import HostTier
 from tiers.nvme_tier import NvmeTier, probe_o_direct
 from tiers.page_store import NO_TAG, PageBatch, PageStore, Slots, TierStats
+from tiers.tiered_store import TieredStore
 
 TierFactory = Callable[[int, int], PageStore]
 
@@ -156,3 +157,12 @@ def made() -> Iterator[list[SpillStore]]:
     yield spills
     for spill in spills:
         spill.close()
+
+
+@pytest.fixture
+def stores() -> Iterator[list[TieredStore]]:
+    """Tiered stores a test makes (it appends them), closed when it ends."""
+    made: list[TieredStore] = []
+    yield made
+    for store in made:
+        store.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,14 +43,6 @@ class FakeMachine(MachineProbe):
 
 def _config(text: str) -> TiersConfig:
     return TiersConfig.model_validate(yaml.safe_load(text) or {})
-
-
-@pytest.fixture
-def stores() -> Iterator[list[TieredStore]]:
-    made: list[TieredStore] = []
-    yield made
-    for store in made:
-        store.close()
 
 
 def test_the_default_config_builds_gpu_and_cpu_tiers(stores: list[TieredStore]) -> None:

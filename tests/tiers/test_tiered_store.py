@@ -7,7 +7,6 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,14 +50,6 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
-
-
-@pytest.fixture
-def stores() -> Iterator[list[TieredStore]]:
-    made: list[TieredStore] = []
-    yield made
-    for store in made:
-        store.close()
 
 
 def _store(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from kvcluster.errors import KVClusterError
@@ -12,14 +10,6 @@ from tiers.host_tier import HostTier
 from tiers.tiered_store import TieredStore
 
 P = 4096
-
-
-@pytest.fixture
-def stores() -> Iterator[list[TieredStore]]:
-    made: list[TieredStore] = []
-    yield made
-    for store in made:
-        store.close()
 
 
 def _store(stores: list[TieredStore], top: int, bottom: int, **kw: object) -> TieredStore:
