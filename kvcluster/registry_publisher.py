@@ -13,8 +13,9 @@ holds, so routing recovers within one heartbeat period. Entries are also re-anno
 
 Publishing is a group commit: a call that flushes returns once its own events are published,
 but only one flush per node publishes at a time (one batch in flight), and it carries
-everything queued until it began. Concurrent stores on a busy node therefore share round trips (and Redis Lua calls)
-instead of each paying one, and batches reach the registry in sequence order.
+everything queued until it began. Concurrent stores on a busy node therefore share round
+trips (and Redis Lua calls) instead of each paying one, and batches reach the registry in
+sequence order.
 
 No batch carries more than ``max_batch_ops`` registry operations (checkpoint keys, counted as
 the registry counts them): a flush with more queued (a re-announce of a node holding a million
