@@ -21,7 +21,17 @@ BlockIds = npt.NDArray[np.int64]
 
 
 def as_block_ids(ids: Sequence[int] | BlockIds) -> BlockIds:
-    return np.asarray(ids, dtype=np.int64).reshape(-1)
+    """``ids`` as a 1-D int64 array; :class:`InvalidArgument` unless they are integers (a
+    float or bool id would silently become another block)."""
+    try:
+        array = np.asarray(ids)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"block ids must be a sequence of integers: {exc}") from None
+    if array.dtype != np.int64:
+        if array.size and (array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer)):
+            raise InvalidArgument(f"block ids must be integers, got {array.dtype} {array.reshape(-1)[:8].tolist()}")
+        array = array.astype(np.int64)
+    return array.reshape(-1)
 
 
 class BlockPool:
@@ -82,6 +92,8 @@ class BlockPool:
         All or nothing: on ``None`` the pool is unchanged (the expected outcome of a full pool
         returns; callers decide whether to evict or refuse).
         """
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise InvalidArgument(f"the number of blocks to allocate must be an integer, got {n!r}")
         if n < 0:
             raise InvalidArgument(f"cannot allocate a negative number of blocks ({n})")
         if n > self._num_free:

@@ -528,4 +528,15 @@ class PagedKVEngine:
                     f"shared block(s) {ids[counts <= 0].tolist()[:8]} are free; only allocated "
                     "blocks can be shared"
                 )
+            if np.unique(ids).size != ids.size:
+                raise InvalidArgument(f"shared_blocks repeat a block id: {ids.tolist()[:8]}")
+            # Each block must hold the rows it is said to hold: whole blocks but the last,
+            # which holds at least the shared tokens' rows (else the K/V read back are garbage).
+            needed = np.minimum(self.block_size, shared_tokens - np.arange(ids.size) * self.block_size)
+            short = ids[self.pages.rows_filled[ids] < needed]
+            if short.size:
+                raise InvalidArgument(
+                    f"shared block(s) {short.tolist()[:8]} hold fewer written rows than the "
+                    f"{shared_tokens} shared tokens need at block_size {self.block_size}"
+                )
         return ids

@@ -687,23 +687,25 @@ class PrefixIndex(PinsMixin):
         freed = 0
         skips_left = len(policy)
         pending: list[Int64Array] = []  # dropped references, released to the pool in one call
-        while freed < num_blocks:
-            node = policy.victim(now)
-            if node is None:
-                break
-            if self._evictable(node, pending):
-                wanted = num_blocks - freed
-                low, high = node.own_block_range(self._bs)
-                if high - low > wanted:
-                    freed += self._trim(node, wanted, reason, pending)
+        try:  # an ``on_evict`` that raises must not strand the references already dropped
+            while freed < num_blocks:
+                node = policy.victim(now)
+                if node is None:
+                    break
+                if self._evictable(node, pending):
+                    wanted = num_blocks - freed
+                    low, high = node.own_block_range(self._bs)
+                    if high - low > wanted:
+                        freed += self._trim(node, wanted, reason, pending)
+                    else:
+                        freed += self._drop(node, reason, pending)
+                elif skips_left:
+                    skips_left -= 1
+                    policy.touch_path(node, now)
                 else:
-                    freed += self._drop(node, reason, pending)
-            elif skips_left:
-                skips_left -= 1
-                policy.touch_path(node, now)
-            else:
-                break
-        self._release(pending)
+                    break
+        finally:
+            self._release(pending)
         return freed
 
     def evict_expired(self) -> int:
@@ -719,18 +721,20 @@ class PrefixIndex(PinsMixin):
         freed = 0
         skips_left = len(policy)
         pending: list[Int64Array] = []
-        while True:
-            node = policy.oldest()
-            if node is None or not policy.is_expired(node, now):
-                break
-            if self._evictable(node, pending):
-                freed += self._drop(node, "ttl", pending)
-            elif skips_left:
-                skips_left -= 1
-                policy.touch_path(node, now)
-            else:
-                break
-        self._release(pending)
+        try:  # as in ``evict``: release what was dropped even if ``on_evict`` raises
+            while True:
+                node = policy.oldest()
+                if node is None or not policy.is_expired(node, now):
+                    break
+                if self._evictable(node, pending):
+                    freed += self._drop(node, "ttl", pending)
+                elif skips_left:
+                    skips_left -= 1
+                    policy.touch_path(node, now)
+                else:
+                    break
+        finally:
+            self._release(pending)
         return freed
 
     def enforce_memory_budget(self) -> int:
@@ -814,6 +818,8 @@ class PrefixIndex(PinsMixin):
     def clear_namespace(self, namespace: str) -> int:
         """Drop every node and pin of ``namespace``; return the blocks freed (0 if unknown).
         Blocks held by sequences or leases stay allocated with their holders."""
+        if type(namespace) is not str:
+            raise InvalidArgument(f"namespace must be a string, got {namespace!r}")
         root = self._roots.get(namespace)
         if root is None:
             return 0

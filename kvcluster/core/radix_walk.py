@@ -273,7 +273,10 @@ def plain_sizes(arrays: list[Any]) -> list[int] | None:
 def token_arrays(prompts: Iterable[TokenInput], what: str) -> tuple[list[Int64Array], Int64Array]:
     """Each prompt as a non-empty 1-D int64 array (int64 arrays pass through untouched), and
     their lengths."""
-    given = prompts if type(prompts) is list else list(prompts)
+    try:
+        given = prompts if type(prompts) is list else list(prompts)
+    except TypeError:
+        raise InvalidArgument(f"{what}s must be an iterable of token sequences, got {prompts!r:.80}") from None
     sizes = plain_sizes(given)
     if sizes is not None:
         return cast(list[Int64Array], given), np.array(sizes, dtype=np.int64)
@@ -309,7 +312,10 @@ def validated_items(
     int64 arrays of the right length pass through untouched (checked with ``map`` over the
     batch; anything else is converted item by item).
     """
-    given = items if type(items) is list else list(items)
+    try:
+        given = items if type(items) is list else list(items)
+    except TypeError:
+        raise InvalidArgument(f"items must be an iterable of (tokens, block_ids) pairs, got {items!r:.80}") from None
     if given:
         try:
             pairs = list(map(len, given)).count(2) == len(given)
@@ -326,7 +332,11 @@ def validated_items(
                     return arrays, tables, sizes
     arrays = []
     tables = []
-    for i, (tokens, block_ids) in enumerate(given):
+    for i, item in enumerate(given):
+        try:
+            tokens, block_ids = item
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"item {i} must be a (tokens, block_ids) pair, got {item!r:.80}") from None
         array = tokens
         if type(array) is not np.ndarray or array.dtype is not INT64 or array.ndim != 1 or not array.size:
             array = as_token_array(tokens, f"item {i}: tokens")

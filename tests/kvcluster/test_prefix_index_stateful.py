@@ -3,7 +3,7 @@
 Random prompts over a 4-token alphabet (so prefixes collide and edges split all the time) are
 started as engine sequences on top of their cached prefix (token-granular: shared partial
 blocks are copied on write), inserted, extended, forked, freed, looked up, leased, pinned,
-removed and evicted (capacity, TTL, reclaimer) in two namespaces. The reference is the set of
+removed, demoted and evicted (capacity, TTL, reclaimer) in two namespaces. The reference is the set of
 prompts inserted per namespace. After every step:
 
 - every match is a prefix of some inserted prompt of its namespace (never of another
@@ -226,6 +226,16 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         # explicit removal may drop leased nodes (their blocks stay with the lease).
         self.guaranteed[ns].discard(prompt)
         self.leased_prefixes = {k: v for k, v in self.leased_prefixes.items() if v[0] != ns}
+
+    @precondition(lambda self: any(self.inserted.values()))
+    @rule(data=st.data(), keep=st.integers(0, 10))
+    def demote(self, data: st.DataObject, keep: int) -> None:
+        # A conversation ended: its nodes go to the front of the order; nothing is freed.
+        ns = data.draw(st.sampled_from([n for n in NAMESPACES if self.inserted[n]]))
+        prompt = data.draw(st.sampled_from(sorted(self.inserted[ns])))
+        free = self.engine.pool.num_free
+        self.index.demote(list(prompt), ns, keep_tokens=keep)
+        assert self.engine.pool.num_free == free, "demote freed blocks"
 
     # --- invariants --------------------------------------------------------------------------
 
