@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -41,6 +43,7 @@ from kvcluster.core.token_input import check_keep_tokens
 from kvcluster.errors import (
     InvalidKV,
     InvalidTokens,
+    KVClusterError,
     NodeUnavailable,
     UnknownPrompt,
 )
@@ -186,7 +189,12 @@ class KVClient:
         hashes = self._hash_chain(token_ids, namespace)
         excluded: set[str] = set()
         while True:
-            decision, migration = self._decide(token_ids, namespace, hashes, excluded)
+            try:
+                decision, migration = self._decide(token_ids, namespace, hashes, excluded)
+            except BaseException:
+                if speculation is not None:  # its lease is not left to expire
+                    self._discard_speculation(speculation[0], speculation[1])
+                raise
             handle = self._nodes[decision.node_id]
             try:
                 reply: LookupReply | None = None
@@ -373,7 +381,11 @@ class KVClient:
             holder_in_flight=decision.holder_in_flight,
         )
         if plan.action == "pull":
-            self.migrate_prefix(tokens[:held_tokens], namespace, source=holder, target=decision.node_id)
+            try:
+                self.migrate_prefix(tokens[:held_tokens], namespace, source=holder, target=decision.node_id)
+            except KVClusterError as exc:  # a pull only saves the target a prefill: degrade to that
+                logger.warning("pull %s -> %s failed (%s); the prefix is recomputed", holder, decision.node_id, exc)
+                plan = dataclasses.replace(plan, action="recompute", reason=f"{plan.reason}; the pull failed: {exc}")
         return plan
 
     def migrate_prefix(self, tokens: Any, namespace: str, *, source: str, target: str) -> StoreResult:
@@ -388,7 +400,7 @@ class KVClient:
         """
         token_ids = as_tokens(tokens, self._spec.vocab_size)
         start = time.perf_counter()
-        src, dst = self._nodes[source], self._nodes[target]
+        src, dst = self.node_handle(source), self.node_handle(target)
         wire = self._wire(namespace, token_ids)
         pages, lease = src.submit("export_pinned", *wire)
         try:
@@ -537,8 +549,13 @@ class KVClient:
         while True:
             decision, migration = await asyncio.to_thread(self._decide, token_ids, namespace, hashes, excluded)
             handle = self._nodes[decision.node_id]
+            call = asyncio.ensure_future(self._acall_with_prompt(handle, "lookup", (), namespace, ids))
             try:
-                reply = LookupReply.from_wire(await self._acall_with_prompt(handle, "lookup", (), namespace, ids))
+                reply = LookupReply.from_wire(await asyncio.shield(call))
+            except asyncio.CancelledError:
+                # The lookup goes on at the node; the lease it grants is released when it answers.
+                call.add_done_callback(functools.partial(self._release_unwanted, handle))
+                raise
             except NodeUnavailable:
                 excluded.add(decision.node_id)
                 logger.warning("node %s unavailable; routing elsewhere", decision.node_id)
@@ -547,6 +564,16 @@ class KVClient:
                 continue
             return RouteResult(reply.node_id, namespace, token_ids, reply.matched_tokens,
                                reply.blocks_per_tier, reply.lease_id, decision.reason, migration)
+
+    @staticmethod
+    def _release_unwanted(handle: NodeHandle, call: asyncio.Future[Any]) -> None:
+        """Release the lease of a lookup whose caller was cancelled while it was in flight."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        lease_id = LookupReply.from_wire(call.result()).lease_id
+        if lease_id is not None:
+            with contextlib.suppress(NodeUnavailable):
+                handle.submit("release", lease_id)
 
     async def afetch(self, result: RouteResult) -> torch.Tensor:
         if not result.matched_tokens or result.lease_id is None:
@@ -661,7 +688,7 @@ class ChatSession:
 
     def prompt(self, user_tokens: Any) -> RouteResult:
         """Route the history plus ``user_tokens``; the caller computes the remaining tokens."""
-        prompt = np.concatenate([self.history, np.asarray(user_tokens, dtype=np.int64)])
+        prompt = np.concatenate([self.history, self._turn_tokens(user_tokens)])
         result = self._client.route_and_lookup(prompt, self.namespace)
         if self.node_id is None:  # the first turn
             self.shared_tokens = result.matched_tokens
@@ -672,14 +699,21 @@ class ChatSession:
     def complete(self, result: RouteResult, response_tokens: Any, kv: torch.Tensor) -> StoreResult:
         """Store the turn: ``kv`` covers the prompt's remaining tokens and the response (whose
         length is the turn's generated length, for a node that learns from it)."""
-        response = np.asarray(response_tokens, dtype=np.int64)
-        full = np.concatenate([result.tokens, response])
         try:
+            response = self._turn_tokens(response_tokens)
+            full = np.concatenate([result.tokens, response])
             stored = self._client.store(full, kv, self.namespace, result=result, generated_tokens=int(response.size))
         finally:
             self._client.release(result)
         self.history = full
         return stored
+
+    def _turn_tokens(self, tokens: Any) -> TokenArray:
+        """A turn's tokens, checked as a prompt's are (a turn may be empty)."""
+        array = np.asarray(tokens)
+        if array.ndim == 1 and array.size == 0:
+            return np.empty(0, dtype=np.int64)
+        return as_tokens(array, self._client._spec.vocab_size)
 
     def end(self) -> int:
         """The conversation is over: its node demotes what only it cached past

@@ -342,7 +342,9 @@ class NodeEngine:
             inserted = self._index.insert(token_ids, block_table, namespace, generated_tokens=generated_tokens)
         finally:
             self._engine.free(seq)
-        published = self._register_blocks(token_ids, block_table, namespace)
+            self._capture_evicted_pages()  # an insert past the memory budget evicts
+        # A skipped insert (under ``min_prefix_tokens``) cached nothing: nothing to announce.
+        published = 0 if inserted.skipped else self._register_blocks(token_ids, block_table, namespace)
         return StoreReply(self.node_id, namespace, inserted.cached_tokens + inserted.new_tokens,
                           inserted.new_tokens, published)
 
@@ -490,8 +492,12 @@ class NodeEngine:
             num_tokens = hold.device_tokens
             if hold.spill_keys:  # then the device part is a whole number of blocks
                 spilled = [raw.cpu().numpy().reshape(1, -1) for raw in self._read_spilled_raw(hold.spill_keys)]
-                segments.append(np.concatenate(spilled))
-                num_tokens += len(spilled) * self._block_size
+                if spilled:  # none when the first spilled page is corrupt
+                    segments.append(np.concatenate(spilled))
+                    num_tokens += len(spilled) * self._block_size
+            if not num_tokens:  # only spilled pages, the first corrupt: nothing to export
+                self.release(reply.lease_id)
+                return None, None
             with self._lock:
                 self._counters["migrations_out"] += 1
         except BaseException:

@@ -120,7 +120,7 @@ class RayNodeHandle:
         ref = self.submit(method, *args)
         try:
             return await asyncio.wait_for(_awaited(ref), self._timeout_s)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             raise NodeUnavailable(f"node {self.node_id} did not answer within {self._timeout_s} s") from None
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
             raise _as_cluster_error(exc, f"node {self.node_id}") from None

@@ -90,6 +90,8 @@ def frame_to_wire(
     ``remember_as``: have the node keep the prompt under this id. ``base``: ``(prompt id,
     ids)`` of a kept prompt whose first ``ids`` ids ``ids`` starts with; only the rest is sent.
     """
+    if not isinstance(namespace, str):
+        raise InvalidArgument(f"namespace must be a str, got {type(namespace).__name__}")
     name = namespace.encode()
     if len(name) > 0xFFFF:
         raise InvalidArgument(f"namespace is {len(name)} bytes long; the limit is 65535")

@@ -136,3 +136,33 @@ def test_async_calls_send_long_prompts_by_reference_and_recover_when_forgotten(k
 
 def torch_equal(a: Any, b: Any) -> bool:
     return bool((a == b).all()) and tuple(a.shape) == tuple(b.shape)
+
+
+class SlowReplyHandle(SwitchableHandle):
+    """An in-process node whose lookup replies take a while to come back (the lease is
+    already granted on the node)."""
+
+    async def acall(self, method: str, *args: Any) -> Any:
+        reply = await super().acall(method, *args)
+        if method == "lookup":
+            await asyncio.sleep(0.3)
+        return reply
+
+
+def test_a_lookup_cancelled_in_flight_releases_its_lease(kv_model: SyntheticKV) -> None:
+    # An asyncio server cancels the request of a client that went away: the lookup already
+    # ran on the node, and its lease must not stay pinned (and count as load) until expiry.
+    with in_process_client(SlowReplyHandle) as (client, _, actors):
+        prompt = np.arange(100, 164)
+        client.store(prompt, kv_model.kv(prompt))
+
+        async def scenario() -> None:
+            task = asyncio.create_task(client.aroute_and_lookup(prompt))
+            await asyncio.sleep(0.1)  # the node has answered; the reply is on its way
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.5)  # the reply arrives, unwanted
+
+        asyncio.run(scenario())
+        assert [actor._engine.stats().leases for actor in actors] == [0, 0, 0]

@@ -17,7 +17,7 @@ from kvcluster.node_actor import NodeActor
 from kvcluster.node_handles import LocalNodeHandle
 from kvcluster.synthetic_kv import SyntheticKV
 from routing.router import RouteDecision
-from tests.cluster.in_process import in_process_client
+from tests.cluster.in_process import SwitchableHandle, in_process_client
 
 
 class ImportFails(LocalNodeHandle):
@@ -107,3 +107,38 @@ def test_the_planner_pulls_from_an_overloaded_holder(kv_model: SyntheticKV) -> N
             node_id="n0", matched_blocks=10, blocks_per_tier={"gpu": 10}, scores={}, reason="",
             fallback=None, prompt_blocks=10, best_holder="n0", holder_blocks=10,
         )) is None
+
+
+class FixedRouter:
+    """A router that always answers ``decision`` (the holder passed over for load)."""
+
+    def __init__(self, decision: RouteDecision) -> None:
+        self.decision = decision
+
+    def route(self, *args: Any, **kwargs: Any) -> RouteDecision:
+        return self.decision
+
+
+@pytest.mark.parametrize("failing", ["source", "target import"])
+def test_a_failed_pull_degrades_to_recompute_on_the_chosen_node(kv_model: SyntheticKV, failing: str) -> None:
+    def handle_for(node: NodeActor) -> LocalNodeHandle:
+        if failing == "target import" and node.node_id == "n1":
+            return ImportFails(node)
+        return SwitchableHandle(node)
+
+    with in_process_client(handle_for) as (client, handles, actors):
+        client._planner = MigrationPlanner(client._config.model,
+                                           MigrationConfig(initial_bandwidth_gbps=100.0, min_tokens=64))
+        prompt = np.arange(3000, 3160)
+        client.store(prompt, kv_model.kv(prompt), node="n0")
+        client._router = FixedRouter(RouteDecision(  # type: ignore[assignment]
+            node_id="n1", matched_blocks=0, blocks_per_tier={}, scores={}, reason="n0 overloaded",
+            fallback=None, prompt_blocks=10, best_holder="n0", holder_blocks=10, holder_in_flight=500,
+        ))
+        if failing == "source":
+            handles["n0"].down = True  # type: ignore[attr-defined]
+        result = client.route_and_lookup(prompt)  # the pull is an optimisation: its failure is not ours
+        assert (result.node_id, result.matched_tokens) == ("n1", 0)
+        assert result.migration is not None and result.migration.action == "recompute"
+        assert "pull failed" in result.migration.reason
+        assert [actor._engine.stats().leases for actor in actors] == [0, 0, 0]

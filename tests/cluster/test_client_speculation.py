@@ -142,3 +142,22 @@ def test_a_speculative_hit_fetches_the_same_kv(kv_model: SyntheticKV) -> None:
             with client.lookup(prompt) as result:
                 assert torch.equal(client.fetch(result), kv_model.kv(prompt))
         assert client.stats().speculative_hits == 1
+
+
+class FailingRouter:
+    def route(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected: routing failed")
+
+
+def test_a_lookup_that_fails_after_speculating_releases_the_guess(kv_model: SyntheticKV) -> None:
+    with running_client() as (client, calls):
+        prompt = np.arange(100, 164)
+        client.store(prompt, kv_model.kv(prompt))
+        with client.lookup(prompt):  # the family's node is remembered
+            pass
+        client._router = FailingRouter()  # type: ignore[assignment]
+        calls.clear()
+        with pytest.raises(RuntimeError, match="injected"):
+            client.route_and_lookup(prompt)
+        assert [method for _, method in calls] == ["lookup", "release_reply"]
+        assert set(leases(client).values()) == {0}

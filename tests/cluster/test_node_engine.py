@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.errors import InvalidKV, InvalidTokens, LeaseError, RegistryUnavailable, TierIOError
+from kvcluster.errors import (
+    InvalidKV,
+    InvalidTokens,
+    LeaseError,
+    PageCorrupt,
+    RegistryUnavailable,
+    TierIOError,
+)
 from kvcluster.kv_payload import KVPages, KVPayload
 from kvcluster.node_engine import NodeEngine
 from kvcluster.synthetic_kv import SyntheticKV
@@ -447,3 +454,82 @@ def test_registry_outage_is_counted_and_repaired_by_resync(
     holding = registry.inner.longest_prefix(hasher.hash_chain(tokens))
     assert holding["n0"].num_blocks == 4
     assert node.identity().epoch == 2  # a new epoch fenced off whatever the outage lost
+
+
+def test_a_store_the_index_skips_publishes_nothing(registry: FlakyRegistry, clock: FakeClock,
+                                                   kv_model: SyntheticKV) -> None:
+    # Below min_prefix_tokens the index caches nothing: the registry must not hear of it,
+    # or the router would send the prefix here for a match the node never gives.
+    config = KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 64, "eviction": {"min_prefix_tokens": 64}},
+        "tiers": {"cpu": {"capacity": "4MiB"}}, "registry": {"index_stride_blocks": 1},
+    })
+    node = NodeEngine("n0", config, registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+    try:
+        hasher = BlockHasher(config.hashing.algorithm, 16, b"", config.model.fingerprint())
+        short = np.arange(4000, 4032)  # 2 full blocks, under the 64-token minimum
+        reply = node.store(short, KVPayload.from_tensor(kv_model.kv(short)))
+        assert (reply.new_tokens, reply.published_blocks) == (0, 0)
+        assert node.lookup(short).matched_tokens == 0
+        assert registry.inner.longest_prefix(hasher.hash_chain(short)) == {}
+        longer = np.arange(4100, 4164)  # at the minimum: cached and published
+        assert node.store(longer, KVPayload.from_tensor(kv_model.kv(longer))).published_blocks == 4
+        assert registry.inner.longest_prefix(hasher.hash_chain(longer))["n0"].num_blocks == 4
+        node.check_invariants()
+    finally:
+        node.shutdown()
+
+
+@pytest.mark.parametrize("on_device", [0, 32])
+def test_an_export_whose_first_spilled_page_is_corrupt_stops_before_it(
+    node: NodeEngine, peer: NodeEngine, kv_model: SyntheticKV, monkeypatch: pytest.MonkeyPatch,
+    on_device: int,
+) -> None:
+    first = np.arange(25000, 25096)  # 6 blocks
+    store_all(node, kv_model, first)
+    for i in range(12):  # push ``first`` out to the host tier
+        store_all(node, kv_model, np.arange(160) + 26000 + 200 * i)
+    node.drain_spills()
+    if on_device:  # its head back on the device: the export is device pages, then spilled ones
+        store_all(node, kv_model, first[:on_device])
+    assert node._spill is not None
+
+    def corrupt(key: int) -> torch.Tensor:
+        raise PageCorrupt(f"injected: page {key} failed its checksum")
+
+    monkeypatch.setattr(node._spill, "read", corrupt)
+    pages = node.export_prefix(first)  # a fault: a shorter export (or none), never an error
+    assert node.stats().leases == 0
+    if not on_device:
+        assert pages is None
+        return
+    assert pages is not None and pages.num_tokens == on_device
+    peer.import_prefix(first, pages)
+    matched, kv = fetch_all(peer, first)
+    assert matched == on_device and torch.equal(kv, kv_model.kv(first)[:, :, :on_device])
+
+
+def test_blocks_evicted_by_a_store_over_the_memory_budget_spill_intact(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV
+) -> None:
+    # The index enforces its memory budget inside the insert itself: the pages it evicts
+    # must be copied out before their blocks are reused, or a wrong page is spilled.
+    config = KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 64, "eviction": {"memory_budget_bytes": 10 * 16 * 512}},
+        "tiers": {"cpu": {"capacity": "4MiB"}}, "registry": {"index_stride_blocks": 1},
+    })
+    node = NodeEngine("n0", config, registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+    try:
+        first = np.arange(1000, 1160)  # 10 blocks: the whole budget
+        store_all(node, kv_model, first)
+        for i in range(3):  # each store pushes older blocks out of the budget
+            store_all(node, kv_model, np.arange(160) + 2000 + 200 * i)
+        node.drain_spills()
+        reply = node.lookup(first)
+        assert reply.matched_tokens == 160 and reply.blocks_per_tier.get("cpu", 0) > 0
+        assert reply.lease_id is not None
+        assert torch.equal(node.fetch(reply.lease_id).to_tensor(), kv_model.kv(first))
+        node.release(reply.lease_id)
+        node.check_invariants()
+    finally:
+        node.shutdown()
