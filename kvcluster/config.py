@@ -226,6 +226,25 @@ class KVClusterConfig(BaseModel):
             return {**PRESETS[key].model_dump(), **overrides}
         return value
 
+    @model_validator(mode="after")
+    def _tiers_hold_a_page(self) -> KVClusterConfig:
+        # Fractions of free memory are resolved at start (and checked there); absolute sizes
+        # can be checked now against the page this model and block size make.
+        page = self.model.bytes_per_block(self.cache.block_size)
+        tiers = self.tiers
+        small = [
+            f"tiers.{name}.capacity ({tier.capacity.bytes} bytes)"
+            for name, tier in (("gpu", tiers.gpu), ("cpu", tiers.cpu), ("nvme", tiers.nvme))
+            if tier.capacity.bytes is not None and tier.capacity.bytes < page
+            and (name != "nvme" or tiers.nvme.enabled)
+        ]
+        if small:
+            raise ValueError(
+                f"{', '.join(small)} cannot hold one page of {page} bytes "
+                f"({self.model.name}, block_size {self.cache.block_size})"
+            )
+        return self
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "<config>") -> KVClusterConfig:
         """Validate ``data``; raise :class:`ConfigError` listing every problem."""
@@ -248,9 +267,15 @@ class KVClusterConfig(BaseModel):
         url = environ.get("KVCLUSTER_REDIS_URL")
         if not url:
             return self
-        registry = RegistryConfig.model_validate(
-            {**self.registry.model_dump(), "backend": "redis", "url": url}
-        )
+        try:
+            registry = RegistryConfig.model_validate(
+                {**self.registry.model_dump(), "backend": "redis", "url": url}
+            )
+        except ValidationError as exc:
+            raise ConfigError(
+                f"KVCLUSTER_REDIS_URL: {exc.error_count()} problem(s) in the registry it selects",
+                [_describe("KVCLUSTER_REDIS_URL", {**err, "input": url}) for err in exc.errors()],
+            ) from None
         return self.model_copy(update={"registry": registry})
 
 
@@ -260,6 +285,8 @@ def _describe(source: str, err: Mapping[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return f"{source}: {path}: unknown key (value {value!r})"
     message = str(err["msg"]).removeprefix("Value error, ")
+    if not err["loc"]:  # a check across sections names its values; the input is the whole file
+        return f"{source}: {message}"
     return f"{source}: {path}: {message} (got {value!r})"
 
 

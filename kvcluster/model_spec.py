@@ -71,6 +71,18 @@ class ModelSpec(BaseModel):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
+        if self.kv_lora_rank is None and self.qk_rope_head_dim:
+            raise ValueError(
+                f"qk_rope_head_dim ({self.qk_rope_head_dim}) is only used with MLA; set "
+                "kv_lora_rank or set qk_rope_head_dim to 0"
+            )
+        tp, heads = self.tensor_parallel, self.num_kv_heads
+        if self.kv_lora_rank is None and heads % tp and tp % heads:
+            # Ranks split the KV heads evenly or replicate them (one per rank); anything else
+            # would leave a rank with a fraction of a head.
+            raise ValueError(
+                f"tensor_parallel ({tp}) must divide num_kv_heads ({heads}) or be a multiple of it"
+            )
         return self
 
     # --- derived shape ---------------------------------------------------------------------

@@ -27,6 +27,8 @@ def parse_byte_size(value: int | float | str) -> int:
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value!r}")
         return int(value)
+    if not isinstance(value, str):  # null, a list, a mapping: not a size (a ValueError names it)
+        raise ValueError(f"expected a size such as 4GiB, 512MiB or 1000000, got {value!r}")
     match = _SIZE_RE.match(value)
     if not match:
         raise ValueError(f"expected a size such as 4GiB, 512MiB or 1000000, got {value!r}")

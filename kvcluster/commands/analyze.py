@@ -82,7 +82,12 @@ def run(args: argparse.Namespace) -> int:
         write_plot(analysis, plot_path, title=args.file.name)
     render(console, analysis, spec, plot_path)
     if args.json:
-        args.json.write_text(json.dumps(asdict(analysis), indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps(asdict(analysis), indent=2) + "\n")
+        except OSError as exc:
+            raise InvalidArgument(
+                f"cannot write the analysis to {args.json}: {exc.strerror or exc}"
+            ) from None
     return 0
 
 

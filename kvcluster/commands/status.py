@@ -11,6 +11,7 @@ from kvcluster.commands.options import (
     address_from,
     config_from,
 )
+from kvcluster.errors import InvalidArgument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.min_nodes < 0:
+        raise InvalidArgument(f"--min-nodes must be >= 0, got {args.min_nodes}")
     from kvcluster.deploy import ensure_ray
     from kvcluster.node_status import collect_status, render_status
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from kvcluster.commands.options import (
     add_address_option,
@@ -10,6 +11,7 @@ from kvcluster.commands.options import (
     address_from,
     config_from,
 )
+from kvcluster.errors import InvalidArgument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.wait_nodes < 0:
+        raise InvalidArgument(f"--wait-nodes must be >= 0, got {args.wait_nodes}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise InvalidArgument(f"--timeout must be a positive number of seconds, got {args.timeout}")
     from kvcluster.deploy import deploy
 
     config = config_from(args)
