@@ -9,6 +9,7 @@ block hashes and pages comparable (config drift is refused, naming both values).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -84,12 +85,18 @@ def deploy(
             namespace=namespace, init_args=(config.registry.model_dump(),)
         )
     config_data = config.model_dump(mode="json")
+    existing = find_nodes(namespace)
     actors: dict[str, Any] = {}
+    alive = sorted(alive_ray_nodes(), key=lambda n: n["NodeID"])
     base_port = config.cluster.metrics_port
-    for index, node in enumerate(sorted(alive_ray_nodes(), key=lambda n: n["NodeID"])):
+    # Simulated nodes share one host, so each exporter takes its own port: base + index, and
+    # a node that joined since the last run the first of those no running actor has.
+    running = [existing[kv_node_id(n["NodeID"])] for n in alive if kv_node_id(n["NodeID"]) in existing]
+    taken = set(ray.get([a.metrics_port.remote() for a in running])) if base_port is not None else set()
+    free_ports = (port for port in itertools.count(base_port or 0) if port not in taken)
+    for node in alive:
         node_id = kv_node_id(node["NodeID"])
-        # Simulated nodes share one host, so each exporter takes its own port (base + index).
-        port = None if base_port is None else base_port + index
+        port = None if base_port is None or node_id in existing else next(free_ports)
         actors[node_id] = create_node_actor(
             node_id,
             node["NodeID"],
@@ -101,6 +108,11 @@ def deploy(
     want = identity_for(config, "<config>", 0)
     drift = [line for ident in identities.values() for line in ident.drift_from(want)]
     if drift:
+        # The actors made by this call run the refused config: left alive, they would split
+        # the cluster and refuse the right config on the next run.
+        for node_id, actor in actors.items():
+            if node_id not in existing:
+                ray.kill(actor)
         raise ConfigDrift("node configuration differs from the cluster's", drift)
     logger.info("deployed %d node actor(s) in namespace %s", len(actors), namespace)
     return Deployment(namespace, actors, identities, registry_actor)

@@ -34,9 +34,13 @@ def start_simulated_nodes(nodes: int) -> Cluster:
         head_node_args={"num_cpus": 1, "object_store_memory": 100 << 20,
                         "include_dashboard": False, "_system_config": system_config},
     )
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
-    cluster.wait_for_nodes()
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()  # the nodes already started are processes of their own
+        raise
     return cluster
 
 

@@ -290,7 +290,9 @@ class GenerationResult:
     were fed to the model from the cache (one fewer when the whole prompt matched: the last
     prompt token is always run, to get its logits); the model ran ``computed_tokens`` prompt
     tokens. ``stored_tokens`` is how many tokens' new K/V were handed to the cluster (0 when
-    ``store=False`` or the cluster had no room).
+    ``store=False`` or the cluster had no room). A fetch shorter than the match (a corrupt
+    spilled page was dropped) reuses only what came back, and the store then hands over
+    every token's K/V.
     """
 
     tokens: list[int]
@@ -339,13 +341,16 @@ def generate(
 
     The model must be in eval mode; it runs under ``torch.no_grad``. One sequence per call
     (batch size 1). ``clock`` times the phases. Raises :class:`InvalidTokens` for an empty,
-    non-1-D or out-of-vocabulary prompt and :class:`InvalidArgument` for ``max_new_tokens < 1``;
-    neither contacts the cluster.
+    non-1-D or out-of-vocabulary prompt and :class:`InvalidArgument` for ``max_new_tokens < 1``
+    or, with ``store``, a model whose cache keeps only a sliding window in some layer (it
+    cannot give back every token's K/V); none of them contacts the cluster.
     """
     if max_new_tokens < 1:
         raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     vocab_size = int(model.config.vocab_size)
     prompt = _prompt_array(tokens, vocab_size)
+    if store:
+        _check_no_sliding_layers(model.config)
     device = next(iter(model.parameters())).device
     started = clock()
     result = client.route_and_lookup(prompt, namespace=namespace)
@@ -353,14 +358,17 @@ def generate(
         routed = clock()
         matched = int(result.matched_tokens)
         assert 0 <= matched <= len(prompt), f"node matched {matched} of {len(prompt)} tokens"
-        # The last prompt token always runs: its logits choose the first new token.
-        reused = min(matched, len(prompt) - 1)
         # Also called on a miss (then local and empty): its dtype is the cluster's K/V dtype.
         prefix_kv = client.fetch(result)
-        if prefix_kv.dim() != 5 or prefix_kv.shape[2] != matched:
+        if prefix_kv.dim() != 5 or prefix_kv.shape[2] > matched:
             raise InvalidKV(
                 f"fetch returned K/V of shape {tuple(prefix_kv.shape)} for a match of {matched}"
             )
+        # Shorter than the match when a spilled page failed its checksum (the node drops it
+        # and the K/V ends before it): the model computes the rest.
+        fetched_tokens = int(prefix_kv.shape[2])
+        # The last prompt token always runs: its logits choose the first new token.
+        reused = min(fetched_tokens, len(prompt) - 1)
         kv_dtype = prefix_kv.dtype
         cache = cache_from_kv(
             prefix_kv[:, :, :reused], model.config, dtype=_model_dtype(model), device=device
@@ -389,12 +397,17 @@ def generate(
             # The last generated token was never fed back, so the cache ends one before it.
             seen = np.concatenate([prompt, np.asarray(generated[:-1], dtype=np.int64)])
             assert int(cache.get_seq_length()) == len(seen), "cache and token count disagree"
-            if len(seen) > matched:
-                new_kv = kv_from_cache(cache, start=matched).to(device="cpu", dtype=kv_dtype)
+            # After a short fetch the leased prefix has a corrupt page, which the node would
+            # refuse to reuse (PageCorrupt): store the K/V of every token, without the lease.
+            whole = fetched_tokens < matched
+            start = 0 if whole else matched
+            if len(seen) > start:
+                new_kv = kv_from_cache(cache, start=start).to(device="cpu", dtype=kv_dtype)
                 try:
-                    client.store(seen, new_kv, namespace=namespace, result=result,
+                    client.store(seen, new_kv, namespace=namespace,
+                                 result=None if whole else result,
                                  generated_tokens=len(generated))
-                    stored = len(seen) - matched
+                    stored = len(seen) - start
                 except CapacityError as exc:
                     logger.warning("not caching %s tokens in %s: %s", len(seen), namespace, exc)
         stored_at = clock()
@@ -441,6 +454,17 @@ def _prompt_array(
         bad = low if low < 0 else high
         raise InvalidTokens(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return array.astype(np.int64, copy=False)
+
+
+def _check_no_sliding_layers(model_config: Any) -> None:
+    # The layers transformers would build for this model (Mistral's sliding_window, or
+    # layer_types with sliding attention), checked before any work rather than at the store.
+    for index, layer in enumerate(_transformers().DynamicCache(config=model_config).layers):
+        if getattr(layer, "is_sliding", False):
+            raise InvalidArgument(
+                f"layer {index} of the model keeps only a sliding window of K/V, which cannot "
+                "be stored; pass store=False"
+            )
 
 
 def _model_dtype(model: CausalLM) -> torch.dtype:
