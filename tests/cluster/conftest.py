@@ -50,11 +50,11 @@ def ray_cluster() -> Iterator[object]:
         head_node_args={"num_cpus": 1, "object_store_memory": 100 << 20,
                         "include_dashboard": False, "_system_config": system_config},
     )
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
+    try:  # a node that fails to start must not leave the head and the others running
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
     finally:
         ray.shutdown()
