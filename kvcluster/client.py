@@ -443,7 +443,11 @@ class KVClient:
         ``generated_tokens``: how many tokens the request generated, if known; a node whose
         eviction policy is ``reuse`` learns from it which requests come back.
         """
-        handle, args, ids = self._store_request(tokens, kv, namespace, result, node, generated_tokens)
+        return self._send_store(self._store_request(tokens, kv, namespace, result, node, generated_tokens), namespace)
+
+    def _send_store(self, request: tuple[NodeHandle, tuple[Any, ...], bytes], namespace: str) -> StoreResult:
+        """Send a store checked by :meth:`_store_request`."""
+        handle, args, ids = request
         reply = StoreReply.from_wire(self._call_with_prompt(handle, "store", args, namespace, ids))
         return StoreResult(reply.node_id, namespace, reply.cached_tokens, reply.new_tokens)
 
@@ -596,6 +600,8 @@ class KVClient:
         """The asyncio form of :meth:`store`."""
         if result is None and node is None:  # routing asks the registry: off the event loop
             token_ids = as_tokens(tokens, self._spec.vocab_size)
+            check_generated_tokens(generated_tokens)
+            self._check_kv(kv, token_ids.size)  # bad input is refused before routing counts it
             node = (await asyncio.to_thread(self._decide, token_ids, namespace, None, set(), migrate=False))[0].node_id
         handle, args, ids = self._store_request(tokens, kv, namespace, result, node, generated_tokens)
         reply = StoreReply.from_wire(await self._acall_with_prompt(handle, "store", args, namespace, ids))
@@ -698,13 +704,16 @@ class ChatSession:
 
     def complete(self, result: RouteResult, response_tokens: Any, kv: torch.Tensor) -> StoreResult:
         """Store the turn: ``kv`` covers the prompt's remaining tokens and the response (whose
-        length is the turn's generated length, for a node that learns from it)."""
+        length is the turn's generated length, for a node that learns from it). Bad input is
+        refused before anything changes, the lease included, so the turn can be completed again."""
+        client = self._client
+        response = self._turn_tokens(response_tokens)
+        full = np.concatenate([result.tokens, response])
+        request = client._store_request(full, kv, self.namespace, result, None, int(response.size))
         try:
-            response = self._turn_tokens(response_tokens)
-            full = np.concatenate([result.tokens, response])
-            stored = self._client.store(full, kv, self.namespace, result=result, generated_tokens=int(response.size))
+            stored = client._send_store(request, self.namespace)
         finally:
-            self._client.release(result)
+            client.release(result)
         self.history = full
         return stored
 

@@ -3,6 +3,7 @@ conversations) gets a clear error naming what was wrong, and no node hears of it
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from kvcluster.client import KVClient
 from kvcluster.config import KVClusterConfig
-from kvcluster.errors import InvalidArgument, InvalidTokens, NodeUnavailable
+from kvcluster.errors import InvalidArgument, InvalidKV, InvalidTokens, NodeUnavailable
 from kvcluster.node_handles import LocalNodeHandle
 from kvcluster.synthetic_kv import SyntheticKV
 from tests.cluster.in_process import in_process_client
@@ -71,3 +72,30 @@ def test_a_namespace_that_is_not_a_string_is_refused_by_every_call(namespace: An
         with pytest.raises(InvalidArgument, match="namespace must be a str"):
             client.migrate_prefix(tokens, namespace, source="n0", target="n1")
         assert activity(client) == before
+
+
+def test_a_turn_completed_with_bad_kv_keeps_its_lease_for_a_retry(kv_model: SyntheticKV) -> None:
+    with in_process_client(LocalNodeHandle, nodes=1) as (client, _, (node,)):
+        prefix = np.arange(100, 164)
+        client.store(prefix, kv_model.kv(prefix), node="n0")
+        chat = client.session("c")
+        result = chat.prompt(np.concatenate([prefix, np.arange(300, 310)]))
+        assert result.matched_tokens == prefix.size and result.lease_id is not None
+        answer = np.arange(500, 508)
+        kv = kv_model.kv(np.concatenate([result.tokens, answer]))[:, :, result.matched_tokens :]
+        with pytest.raises(InvalidKV, match="shape"):
+            chat.complete(result, answer, kv[:, :, 1:])  # one row short
+        assert node.stats().leases == 1 and chat.history.size == 0
+        stored = chat.complete(result, answer, kv)  # the corrected retry still holds its lease
+        assert stored.new_tokens == 18 and node.stats().leases == 0
+        assert chat.history.size == prefix.size + 18
+
+
+def test_an_async_store_with_bad_kv_is_refused_before_it_is_routed(kv_model: SyntheticKV) -> None:
+    with in_process_client(LocalNodeHandle) as (client, _, _):
+        tokens = np.arange(100, 164)
+        routed = client.router.stats().routed
+        with pytest.raises(InvalidKV, match="shape"):
+            asyncio.run(client.astore(tokens, kv_model.kv(tokens)[:, :, 1:]))
+        assert client.router.stats().routed == routed
+        assert [s.sequences for s in client.node_stats().values()] == [0, 0, 0]
