@@ -92,7 +92,7 @@ def deploy(
     # Simulated nodes share one host, so each exporter takes its own port: base + index, and
     # a node that joined since the last run the first of those no running actor has.
     running = [existing[kv_node_id(n["NodeID"])] for n in alive if kv_node_id(n["NodeID"]) in existing]
-    taken = set(ray.get([a.metrics_port.remote() for a in running])) if base_port is not None else set()
+    taken = set(_answers([a.metrics_port.remote() for a in running], timeout_s)) if base_port is not None else set()
     free_ports = (port for port in itertools.count(base_port or 0) if port not in taken)
     for node in alive:
         node_id = kv_node_id(node["NodeID"])
@@ -104,7 +104,7 @@ def deploy(
             max_concurrency=config.cluster.actor_max_concurrency,
             init_args=(node_id, config_data, registry_actor, port),
         )
-    identities = dict(zip(actors, ray.get([a.identity.remote() for a in actors.values()]), strict=True))
+    identities = dict(zip(actors, _answers([a.identity.remote() for a in actors.values()], timeout_s), strict=True))
     want = identity_for(config, "<config>", 0)
     drift = [line for ident in identities.values() for line in ident.drift_from(want)]
     if drift:
@@ -116,6 +116,21 @@ def deploy(
         raise ConfigDrift("node configuration differs from the cluster's", drift)
     logger.info("deployed %d node actor(s) in namespace %s", len(actors), namespace)
     return Deployment(namespace, actors, identities, registry_actor)
+
+
+def _answers(refs: list[Any], timeout_s: float) -> list[Any]:
+    """The node actors' answers; :class:`ClusterError` when one cannot start (its
+    constructor failed) or does not answer within ``timeout_s`` (it cannot be scheduled:
+    its node lacks the CPUs or memory it asks for), instead of a raw Ray error or a hang."""
+    try:
+        return list(ray.get(refs, timeout=timeout_s))
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(
+            f"node actors did not answer within {timeout_s:.0f} s; does each Ray node have room "
+            "for one (free CPUs and memory)?"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        raise ClusterError(f"a node actor failed to start: {exc}") from None
 
 
 def find_nodes(namespace: str) -> dict[str, Any]:

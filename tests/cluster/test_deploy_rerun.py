@@ -13,7 +13,7 @@ import ray
 import kvcluster.deploy as deploy_module
 from kvcluster.config import KVClusterConfig
 from kvcluster.deploy import deploy
-from kvcluster.errors import ConfigDrift
+from kvcluster.errors import ClusterError, ConfigDrift
 from kvcluster.node_types import NodeIdentity, identity_for
 from kvcluster.ray_actors import NODE_ACTOR_PREFIX
 
@@ -51,7 +51,11 @@ class FakeRay:
     def nodes(self) -> list[dict[str, Any]]:
         return [{"NodeID": n, "Alive": True} for n in self.ray_nodes]
 
+    failure: BaseException | None = None  # raised by every get, once set
+
     def get(self, refs: Any, timeout: float | None = None) -> Any:
+        if self.failure is not None:
+            raise self.failure
         return refs
 
     def kill(self, actor: FakeActor) -> None:
@@ -109,3 +113,15 @@ def test_a_node_that_joins_gets_a_metrics_port_no_other_node_has(fake_ray: FakeR
     deploy(make_config(metrics_port=9400))
     ports = [a.port for a in fake_ray.actors.values()]
     assert len(ports) == 3 and len(set(ports)) == 3, ports
+
+
+@pytest.mark.parametrize(("failure", "message"), [
+    (ray.exceptions.GetTimeoutError("timed out"), "did not answer within 7 s"),
+    (ray.exceptions.RayActorError(), "failed to start"),
+])
+def test_an_actor_that_cannot_start_is_a_cluster_error_not_a_hang(
+    fake_ray: FakeRay, failure: BaseException, message: str
+) -> None:
+    fake_ray.failure = failure
+    with pytest.raises(ClusterError, match=message):
+        deploy(make_config(), timeout_s=7.0)
