@@ -18,8 +18,8 @@ from typing import Any
 import ray
 
 from kvcluster.config import KVClusterConfig
-from kvcluster.errors import ClusterError, ConfigDrift, NodeUnavailable
-from kvcluster.node_types import NodeIdentity, NodeStats, identity_for
+from kvcluster.errors import ClusterError, ConfigDrift
+from kvcluster.node_types import NodeIdentity, identity_for
 from kvcluster.ray_actors import (
     NODE_ACTOR_PREFIX,
     REGISTRY_ACTOR_NAME,
@@ -151,17 +151,6 @@ def find_registry_actor(namespace: str) -> Any | None:
         return ray.get_actor(REGISTRY_ACTOR_NAME, namespace=namespace)
     except ValueError:
         return None
-
-
-def cluster_stats(namespace: str, timeout_s: float = 10.0) -> dict[str, NodeStats | NodeUnavailable]:
-    """Each node's stats, or the reason it did not answer."""
-    result: dict[str, NodeStats | NodeUnavailable] = {}
-    for node_id, actor in find_nodes(namespace).items():
-        try:
-            result[node_id] = ray.get(actor.stats.remote(), timeout=timeout_s)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            result[node_id] = NodeUnavailable(f"{node_id}: {type(exc).__name__}")
-    return result
 
 
 def undeploy(namespace: str) -> int:

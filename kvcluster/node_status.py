@@ -7,7 +7,9 @@ and parses it with Prometheus' own parser.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import ray
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,15 +65,26 @@ def parse_metrics(node_id: str, text: str) -> NodeStatusRow:
 
 
 def collect_status(namespace: str, timeout_s: float = 10.0) -> list[NodeStatusRow]:
-    rows = []
-    for node_id, actor in sorted(find_nodes(namespace).items()):
+    """Every node's row; a node that fails or does not answer within ``timeout_s`` gets an
+    error row. All nodes are asked at once and waited for together, so hung nodes cost one
+    timeout in all, not one each (a health check runs this under its own limit)."""
+    nodes = sorted(find_nodes(namespace).items())
+    asked: dict[str, Any] = {}
+    rows: dict[str, NodeStatusRow] = {}
+    for node_id, actor in nodes:
         try:
-            text = ray.get(actor.metrics_text.remote(), timeout=timeout_s)
+            asked[node_id] = actor.metrics_text.remote()
+        except ray.exceptions.RayError as exc:
+            rows[node_id] = NodeStatusRow(node_id, error=type(exc).__name__)
+    deadline = time.monotonic() + timeout_s
+    for node_id, ref in asked.items():
+        try:
+            text = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            rows.append(NodeStatusRow(node_id, error=type(exc).__name__))
+            rows[node_id] = NodeStatusRow(node_id, error=type(exc).__name__)
             continue
-        rows.append(parse_metrics(node_id, text))
-    return rows
+        rows[node_id] = parse_metrics(node_id, text)
+    return [rows[node_id] for node_id, _ in nodes]
 
 
 def render_status(rows: list[NodeStatusRow]) -> str:
