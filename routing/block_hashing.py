@@ -4,10 +4,10 @@ A prompt is cut into full blocks of ``block_size`` tokens (a trailing partial bl
 key). Block ``i``'s key commits to the whole prefix ``tokens[: (i + 1) * block_size]`` and to
 everything that changes the bytes of its KV page::
 
-    root(ns)  = H( "kvcluster.block_hash.v1" | algorithm | block_size | "int32le"
+    root(ns)  = H( "kvcluster.block_hash.v2" | algorithm | block_size | "int32le"
                    | model_fingerprint | salt | ns )              (length-prefixed fields)
-    key[0]    = H( root(ns)  || tokens[0:B]  as little-endian int32 )
-    key[i]    = H( key[i-1]  || tokens[iB:(i+1)B] as little-endian int32 )
+    key[0]    = H( tokens[0:B] as little-endian int32        || root(ns) )
+    key[i]    = H( tokens[iB:(i+1)B] as little-endian int32  || key[i-1] )
 
 ``H`` is XXH3-128 (``"xxh3_128"``, fast, not cryptographic) or SHA-256 truncated to its first
 128 bits (``"sha256"``, for tenants that may craft collisions; a collision costs at most a
@@ -16,14 +16,18 @@ miss because every hit is verified against the stored tokens). Every key is 16 b
 Stability: only fixed byte encodings are hashed (never ``hash()``, never pickle), so a key
 is the same in every process, machine and Python version; ``tests/routing`` pins vectors.
 
-Speed: the chain is sequential by construction (each key needs its parent). Three forms
-compute the same keys; ``benchmarks/bench_routing.py`` measures them:
+Speed: the chain is sequential by construction (each key needs its parent). The tokens come
+before the parent key (v2; v1 put the parent first) so that with SHA-256 the first 64 bytes of
+a block's input, the tokens at block size 16, can be compressed before its parent is known:
+only one of its two compressions stays on the sequential path. Three forms compute the same
+keys; ``benchmarks/bench_routing.py`` measures them:
 
 - native (used when available): the optional C extension :mod:`routing._chainhash` runs the
   whole chain in one call with the GIL released, calling the XXH3-128 of the ``xxhash``
-  package and the SHA-256 of Python's libcrypto. It is checked against the Python form on
-  fixed inputs when first bound, and is skipped if it was not built (no C compiler) or fails
-  that check;
+  package, and for SHA-256 the CPU's SHA extensions where it has them (overlapping each
+  block's token compression with the chain), else the SHA-256 of Python's libcrypto. It is
+  checked against the Python form on fixed inputs when first bound, and is skipped if it was
+  not built (no C compiler) or fails that check;
 - Python: all blocks become ``bytes`` objects in one vectorised numpy pass (a ``V{4B}`` view
   and ``tolist``), then a tight loop makes one C call per block over those inputs;
 - reference (:func:`hash_chain_reference`): the straightforward per-block loop that slices
@@ -38,6 +42,7 @@ Thread-safety: :class:`BlockHasher` is immutable; all methods may be called conc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -64,7 +69,7 @@ HASH_ALGORITHMS: tuple[HashAlgorithm, ...] = ("xxh3_128", "sha256")
 
 #: Tokens are hashed as little-endian int32, so ids must lie in [0, 2**31).
 MAX_TOKEN_ID = 2**31 - 1
-_SCHEME = b"kvcluster.block_hash.v1"
+_SCHEME = b"kvcluster.block_hash.v2"
 _TOKEN_ENCODING = b"int32le"
 
 
@@ -95,6 +100,8 @@ class _NativeChains:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bound: dict[str, NativeChain | None] | None = None
+        #: What computes native SHA-256 chains: "sha-ni", "libcrypto" or "python" (not native).
+        self.sha256_engine = "python"
 
     def for_algorithm(self, algorithm: str) -> NativeChain | None:
         if self._bound is None:
@@ -108,34 +115,39 @@ class _NativeChains:
             from routing import _chainhash  # type: ignore[attr-defined]
         except ImportError:
             return {}
-        xxhash_library = importlib.import_module("xxhash._xxhash").__file__
-        libraries = {"xxh3_128": (_chainhash.bind_xxh3_128, xxhash_library)}
+        libraries = [(_chainhash.bind_xxh3_128, importlib.import_module("xxhash._xxhash").__file__)]
         try:
             import _hashlib  # the OpenSSL binding behind hashlib.sha256
 
-            libraries["sha256"] = (_chainhash.bind_sha256, _hashlib.__file__)
+            libraries.append((_chainhash.bind_sha256, _hashlib.__file__))
         except (ImportError, AttributeError):
-            pass
-        bound: dict[str, NativeChain | None] = {}
-        for algorithm, (bind, path) in libraries.items():
-            try:
+            pass  # SHA-256 can still be native on a CPU with SHA extensions
+        for bind, path in libraries:
+            with contextlib.suppress(OSError):  # that algorithm stays unbound: chain() refuses it below
                 bind(path)
-            except OSError:
+        bound: dict[str, NativeChain | None] = {}
+        for algorithm, algorithm_id in self._IDS.items():
+            native = functools.partial(_chainhash.chain, algorithm_id)
+            try:
+                agrees = self._agrees(algorithm, native)
+            except RuntimeError:  # neither a bound library nor CPU support
                 continue
-            native = functools.partial(_chainhash.chain, self._IDS[algorithm])
-            if self._agrees(algorithm, native):
+            if agrees:
                 bound[algorithm] = native
+        self.sha256_engine = _chainhash.sha256_engine() if "sha256" in bound else "python"
         return bound
 
     @staticmethod
     def _agrees(algorithm: str, native: NativeChain) -> bool:
         digest = _DIGESTS[algorithm]
         start = bytes(range(BLOCK_HASH_BYTES))
-        for width in (4, 64, 68, 128, 1024):  # short, medium and long XXH3 input paths
+        # XXH3's short, medium and long input paths; SHA-256 inputs ending in one or two
+        # chunks after the whole chunks of tokens (40 + 16 + 9 bytes of padding > 64).
+        for width in (4, 36, 40, 64, 68, 128, 1024):
             blocks = bytes((7 * i + width) % 251 for i in range(3 * width))
             key, expected = start, []
             for i in range(3):
-                key = digest(key + blocks[i * width : (i + 1) * width])
+                key = digest(blocks[i * width : (i + 1) * width] + key)
                 expected.append(key)
             if native(start, blocks, width) != b"".join(expected):
                 return False
@@ -245,6 +257,14 @@ class BlockHasher:
         """Whether chains are computed by the native extension (else by the Python loop)."""
         return self._native is not None
 
+    @property
+    def engine(self) -> str:
+        """What computes this hasher's chains: ``"python"``, or natively ``"xxhash"`` (XXH3),
+        ``"sha-ni"`` (the CPU's SHA extensions) or ``"libcrypto"`` (SHA-256)."""
+        if self._native is None:
+            return "python"
+        return "xxhash" if self._algorithm == "xxh3_128" else _NATIVE_CHAINS.sha256_engine
+
     def __repr__(self) -> str:
         return (
             f"BlockHasher({self._algorithm!r}, block_size={self._block_size}, "
@@ -298,12 +318,12 @@ class BlockHasher:
         if self._algorithm == "xxh3_128":
             xxh3 = xxhash.xxh3_128_digest
             for block in blocks:
-                key = xxh3(key + block)
+                key = xxh3(block + key)
                 append(key)
         else:
             sha256 = hashlib.sha256
             for block in blocks:
-                key = sha256(key + block).digest()[:BLOCK_HASH_BYTES]
+                key = sha256(block + key).digest()[:BLOCK_HASH_BYTES]
                 append(key)
         return np.frombuffer(b"".join(keys), dtype=BLOCK_HASH_DTYPE)
 
@@ -318,7 +338,7 @@ class BlockHasher:
         out = np.empty(array.size // self._block_size, dtype=BLOCK_HASH_DTYPE)
         for i in range(out.size):
             block = array[i * self._block_size : (i + 1) * self._block_size]
-            key = BlockHash(self._digest(bytes(key) + block.astype("<i4").tobytes()))
+            key = BlockHash(self._digest(block.astype("<i4").tobytes() + bytes(key)))
             out[i] = np.void(key)
         return out
 

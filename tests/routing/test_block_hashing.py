@@ -29,12 +29,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # namespace "tenant-a". A change here breaks every registry entry and peer in a cluster.
 VECTORS = {
     "xxh3_128": (
-        "c5d56844634e14327405331e2a6c7f71",
-        ["1a79767099827e5731d45e93f4bfc347", "db0c596c750fa31752bfdbc07c7703f1"],
+        "4be3e89cadfe86561fcf70109b00e01a",
+        ["691618c121ca851fb4cd12759fd83713", "fb33dfc8a7eaa52ef74d8dfc31c32758"],
     ),
     "sha256": (
-        "a28c41daae69b762774b42b7ea4a8b66",
-        ["2228e803543ef97f8ce3ce26635cb2be", "8e7030154d824b66592789514fa70a64"],
+        "9d6c20784b4c8f0845d92ef382d195d1",
+        ["fd0780c117eeac1c4948d3ee65d6a082", "40ba8ca0a6a17aa74ba15be1258c2b94"],
     ),
 }
 
@@ -51,13 +51,13 @@ def _spec_chain(algorithm: str, block_size: int, salt: bytes, fingerprint: str,
     def fields(*items: bytes) -> bytes:
         return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
-    header = fields(b"kvcluster.block_hash.v1", algorithm.encode(), struct.pack("<I", block_size),
+    header = fields(b"kvcluster.block_hash.v2", algorithm.encode(), struct.pack("<I", block_size),
                     b"int32le", fingerprint.encode(), salt)
     key = digest(header + fields(namespace.encode()))
     out = []
     for i in range(len(tokens) // block_size):
         block = tokens[i * block_size:(i + 1) * block_size]
-        key = digest(key + struct.pack(f"<{block_size}i", *block))
+        key = digest(struct.pack(f"<{block_size}i", *block) + key)
         out.append(key)
     return out
 
@@ -96,11 +96,29 @@ def test_native_extension_is_used_when_built(algorithm: str) -> None:
     assert not BlockHasher(algorithm, 16, native=False).is_native  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("width", [4, 8, 36, 40, 44, 60, 64, 68, 100, 104, 128, 132, 1024])
+def test_sha256_engines_agree(width: int) -> None:
+    """The CPU's SHA extensions (where present) and libcrypto give the keys of the Python
+    form, for every way a block's input splits into 64-byte chunks (one or two tail chunks)."""
+    chainhash = pytest.importorskip("routing._chainhash")
+    BlockHasher("sha256", 16)  # binds the libraries
+    rng = np.random.default_rng(width)
+    start = rng.bytes(16)
+    for count in (0, 1, 2, 9):
+        blocks = rng.bytes(count * width)
+        key, expected = start, []
+        for i in range(count):
+            key = hashlib.sha256(blocks[i * width : (i + 1) * width] + key).digest()[:16]
+            expected.append(key)
+        assert chainhash.chain(1, start, blocks, width) == b"".join(expected)  # fastest engine
+        assert chainhash.chain(2, start, blocks, width) == b"".join(expected)  # libcrypto
+
+
 def test_native_chain_that_disagrees_is_not_used() -> None:
     def python_chain(start: bytes, blocks: bytes, width: int) -> bytes:
         key, out = start, []
         for i in range(len(blocks) // width):
-            key = xxhash.xxh3_128_digest(key + blocks[i * width : (i + 1) * width])
+            key = xxhash.xxh3_128_digest(blocks[i * width : (i + 1) * width] + key)
             out.append(key)
         return b"".join(out)
 
