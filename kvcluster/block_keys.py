@@ -70,7 +70,12 @@ def coalesced_events(keys: list[BlockKey], tiers: list[str | None]) -> list[Bloc
 
 
 class BlockKeyTable:
-    """Block id -> :class:`BlockKey` for the blocks of a pool of ``num_blocks``.
+    """Block id -> :class:`BlockKey` for the blocks of a pool of ``num_blocks``, and the
+    reverse question, whether a chain hash is on a device block now (:meth:`holds`).
+
+    The reverse map is a dict of the hashes' bytes (~0.1 us a block when a prefix is keyed):
+    a spill written or dropped after its block came back to the device must not move or
+    remove the block's registry entry, and the node asks that for each spilled block.
 
     Not thread-safe: the node calls it under its own lock.
     """
@@ -81,6 +86,7 @@ class BlockKeyTable:
         # (family, namespace) of the chain: one shared tuple per registered prefix.
         self._chains: npt.NDArray[np.object_] = np.full(num_blocks, None, dtype=object)
         self._count = 0
+        self._block_of: dict[bytes, int] = {}  # chain hash -> the device block keyed by it
 
     def __len__(self) -> int:
         return self._count
@@ -96,7 +102,13 @@ class BlockKeyTable:
             )
         if not block_ids.size:
             return
-        self._count += int(np.count_nonzero(self._positions[block_ids] == _UNSET))
+        rekeyed = self._positions[block_ids] != _UNSET
+        if rekeyed.any():
+            for block_id, old_hash in zip(block_ids[rekeyed].tolist(),
+                                          self._hashes[block_ids[rekeyed]].tolist(), strict=True):
+                self._unmap(old_hash, block_id)
+        self._count += int(np.count_nonzero(~rekeyed))
+        self._block_of.update(zip(hashes.tolist(), block_ids.tolist(), strict=True))
         self._hashes[block_ids] = hashes
         self._positions[block_ids] = positions
         chain = np.empty(1, dtype=object)
@@ -112,7 +124,18 @@ class BlockKeyTable:
         family, namespace = self._chains[block_id]
         self._chains[block_id] = None
         self._count -= 1
-        return BlockKey(self._hashes[block_id].tobytes(), family, position, namespace)
+        block_hash = self._hashes[block_id].tobytes()
+        self._unmap(block_hash, block_id)
+        return BlockKey(block_hash, family, position, namespace)
+
+    def holds(self, block_hash: bytes) -> bool:
+        """Whether a device block is keyed by ``block_hash`` now."""
+        return block_hash in self._block_of
+
+    def _unmap(self, block_hash: bytes, block_id: int) -> None:
+        # Only if the hash still names this block (a later assign may have re-pointed it).
+        if self._block_of.get(block_hash) == block_id:
+            del self._block_of[block_hash]
 
     def held(self) -> list[BlockKey]:
         """Every key held, in block id order."""

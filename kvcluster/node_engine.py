@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from kvcluster.kv_payload import KVPages, KVPayload, dtype_name
 from kvcluster.leases import LeaseTable
 from kvcluster.node_types import LookupReply, NodeIdentity, NodeStats, StoreReply, identity_for
 from kvcluster.registry_publisher import RegistryPublisher
-from kvcluster.spill_store import SpillRequest, SpillStore
+from kvcluster.spill_store import SpilledBlock, SpillRequest, SpillStore, tier_key
 from routing.block_hashing import BlockHasher
 from routing.registry import BlockEvent, NodeLoad, PrefixRegistry, Tier
 
@@ -139,8 +140,13 @@ class NodeEngine:
             salt=config.hashing.salt.encode(),
             model_fingerprint=spec.fingerprint(),
         )
+        # Spilled blocks the tiers lost on their own (a full NVMe tier discards its coldest
+        # pages; a corrupt page is dropped when read), appended on the tier threads (a deque:
+        # no lock there), unregistered by the next call's _finish or maintenance tick.
+        self._dropped_spills: deque[SpilledBlock] = deque()
         self._spill: SpillStore | None = SpillStore.from_config(
-            config.tiers, page_bytes=self._engine.pages.page_bytes, node_id=node_id
+            config.tiers, page_bytes=self._engine.pages.page_bytes, node_id=node_id,
+            on_dropped=self._dropped_spills.append,
         )
         self._lock = threading.RLock()
         self._leases: LeaseTable[_LeaseHold] = LeaseTable(
@@ -156,7 +162,7 @@ class NodeEngine:
         self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
                           "migrations_in": 0, "migrations_out": 0, "ended_conversations": 0,
-                          "demoted_tokens": 0}
+                          "demoted_tokens": 0, "dropped_spills": 0}
         self._publisher = RegistryPublisher(
             node_id,
             registry,
@@ -407,6 +413,8 @@ class NodeEngine:
         with self._lock:
             assert not self._evicted_pages, "evicted pages were not copied out before a reuse"
             pending, self._pending_spills = self._pending_spills, []
+            if self._dropped_spills:
+                self._unregister_dropped_spills()
         if pending:
             self._spill_writer.submit(self._write_spills, pending)
         if wait_for_registry:
@@ -416,7 +424,13 @@ class NodeEngine:
 
     def _write_spills(self, pending: list[_PendingSpills]) -> None:
         """On the spill writer: each eviction's pages in one batched put, then their
-        moved-tier events (removed for the pages no tier had room for)."""
+        moved-tier events (removed for the pages no tier had room for).
+
+        A block stored again since its eviction is on the device now, and its stored event
+        went out then: its late spill outcome is not published (a moved event would demote
+        its registry entry to a lower tier, a removed one would unregister a block held). The
+        check and the events are made under ``_lock``, in order with every stored event.
+        """
         assert self._spill is not None
         try:
             for batch in pending:
@@ -429,10 +443,30 @@ class NodeEngine:
                     logger.exception("node %s: spilling %d evicted page(s) failed; they are dropped",
                                      self.node_id, len(requests))
                     tiers = [None] * len(requests)
-                for event in coalesced_events(batch.keys, tiers):
-                    self._publisher.add(event)
+                with self._lock:
+                    holds = self._block_keys.holds
+                    outcomes = [(key, tier) for key, tier in zip(batch.keys, tiers, strict=True)
+                                if not holds(key.block_hash)]
+                    for event in coalesced_events([key for key, _ in outcomes], [tier for _, tier in outcomes]):
+                        self._publisher.add(event)
         finally:
             self._publisher.flush()
+
+    def _unregister_dropped_spills(self) -> None:
+        """Under ``_lock``: removed events for the spilled blocks the tiers lost, unless the
+        block is held again (back on the device, or spilled anew). One still on its way to
+        the spill tiers gets its moved event from the writer after this one."""
+        assert self._spill is not None
+        holds, location = self._block_keys.holds, self._spill.location
+        lost: list[BlockKey] = []
+        while self._dropped_spills:
+            record = self._dropped_spills.popleft()
+            if not holds(record.block_hash) and location(tier_key(record.block_hash)) is None:
+                lost.append(BlockKey(record.block_hash, record.family, record.position, record.namespace))
+        lost.sort(key=lambda key: (key.namespace, key.family, key.position))
+        for event in coalesced_events(lost, [None] * len(lost)):
+            self._publisher.add(event)
+        self._counters["dropped_spills"] += len(lost)
 
     def drain_spills(self, timeout_s: float | None = None) -> bool:
         """Wait until every eviction queued so far is written to the spill tiers, and the
@@ -541,7 +575,7 @@ class NodeEngine:
             self._index.evict_expired()
             self._index.enforce_memory_budget()
             self._capture_evicted_pages()
-        self._finish()
+        self._finish()  # also unregisters the spilled blocks the tiers dropped meanwhile
 
     def _all_held_blocks(self) -> list[BlockEvent]:
         """Stored events for every block held, for a re-announce after a registry restart."""
@@ -589,6 +623,7 @@ class NodeEngine:
                 ended_conversations=self._counters["ended_conversations"],
                 demoted_tokens=self._counters["demoted_tokens"],
                 registry_errors=self._publisher.errors,
+                dropped_spills=self._counters["dropped_spills"],
             )
 
     def check_invariants(self) -> None:

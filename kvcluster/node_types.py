@@ -114,3 +114,5 @@ class NodeStats:
     ended_conversations: int = 0
     demoted_tokens: int = 0
     registry_errors: int = 0
+    #: spilled blocks the tiers lost on their own (full NVMe, corrupt page), unregistered
+    dropped_spills: int = 0

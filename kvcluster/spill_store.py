@@ -35,7 +35,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,11 +153,14 @@ class SpillStore:
     (fault injection); ``compact_min_records`` the dead records tolerated beyond as many as
     are live before the log is compacted. A log that cannot be read or rewritten at start
     raises TierIOError. ``meta_write_failures`` counts failed log writes (their pages were
-    not kept).
+    not kept). ``on_dropped`` is called with the record of every kept block the tiers lose
+    on their own (discarded for room, or corrupt when read), on whichever thread noticed, with
+    no lock held; not for :meth:`discard`, whose caller knows.
     """
 
     def __init__(self, store: TieredStore, meta_path: Path | None, *, file_io: FileIO | None = None,
-                 compact_min_records: int = 1024) -> None:
+                 compact_min_records: int = 1024,
+                 on_dropped: Callable[[SpilledBlock], None] | None = None) -> None:
         if compact_min_records < 0:
             raise InvalidArgument(f"compact_min_records must be >= 0, got {compact_min_records}")
         self._store = store
@@ -174,6 +177,7 @@ class SpillStore:
         self._meta_outage = 0  # failed log writes since the last good one (0: healthy)
         self.verify_failures = 0
         self.meta_write_failures = 0
+        self._on_dropped = on_dropped
         store.add_discard_listener(self._forget)
         if meta_path is not None:
             try:
@@ -184,13 +188,14 @@ class SpillStore:
                 ) from None
 
     @classmethod
-    def from_config(cls, config: TiersConfig, *, page_bytes: int, node_id: str) -> SpillStore:
+    def from_config(cls, config: TiersConfig, *, page_bytes: int, node_id: str,
+                    on_dropped: Callable[[SpilledBlock], None] | None = None) -> SpillStore:
         """Host (and, when enabled, NVMe) tiers below the node's device pages."""
         stem = f"kvcluster-{node_id}"
         store = build_tiered_store(config, page_bytes, file_stem=stem, include_device=False)
         meta_path = Path(config.nvme.paths[0]) / f"{stem}.blocks" if config.nvme.enabled else None
         try:
-            return cls(store, meta_path)
+            return cls(store, meta_path, on_dropped=on_dropped)
         except KVClusterError:
             store.close()
             raise
@@ -435,8 +440,11 @@ class SpillStore:
             logger.info("spill store: recovered %d block(s) from %s", len(self._blocks), path)
 
     def _forget(self, key: int) -> None:
+        """The tiers lost ``key``'s page (discarded for room, or corrupt)."""
         with self._lock:
-            self._blocks.pop(key, None)
+            record = self._blocks.pop(key, None)
+        if record is not None and self._on_dropped is not None:
+            self._on_dropped(record)
 
     # --- lookups -----------------------------------------------------------------------------
 

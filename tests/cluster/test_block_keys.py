@@ -40,6 +40,22 @@ def test_rekeying_a_block_counts_it_once_and_keeps_the_latest_chain() -> None:
     assert table.pop(1) == BlockKey(b"\x01" * 16, b"A" * 16, 0, "x")
 
 
+def test_holds_follows_assign_rekey_and_pop() -> None:
+    table = BlockKeyTable(4)
+    table.assign(np.array([1, 2]), _hashes(1, 2), np.array([0, 1]), b"A" * 16, "x")
+    assert table.holds(b"\x01" * 16) and table.holds(b"\x02" * 16)
+    assert not table.holds(b"\x09" * 16)
+    table.assign(np.array([2]), _hashes(9), np.array([3]), b"B" * 16, "y")  # block 2 re-keyed
+    assert not table.holds(b"\x02" * 16) and table.holds(b"\x09" * 16)
+    # The same hash keyed on a second block: popping the first keeps the second's.
+    table.assign(np.array([3]), _hashes(1), np.array([0]), b"A" * 16, "x")
+    table.pop(1)
+    assert table.holds(b"\x01" * 16)
+    table.pop(3)
+    table.pop(2)
+    assert not table.holds(b"\x01" * 16) and not table.holds(b"\x09" * 16)
+
+
 def test_two_chains_with_two_blocks_each_keep_their_chain_tuples() -> None:
     # A (family, namespace) pair must be stored as one object per block, not unpacked into a row.
     table = BlockKeyTable(4)

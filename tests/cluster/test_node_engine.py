@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -531,5 +532,119 @@ def test_blocks_evicted_by_a_store_over_the_memory_budget_spill_intact(
         assert torch.equal(node.fetch(reply.lease_id).to_tensor(), kv_model.kv(first))
         node.release(reply.lease_id)
         node.check_invariants()
+    finally:
+        node.shutdown()
+
+
+def _small_host_tier_node(registry: FlakyRegistry, clock: FakeClock, pages: int) -> NodeEngine:
+    config = KVClusterConfig.from_dict({
+        "cache": {"num_blocks": 64}, "tiers": {"cpu": {"capacity": f"{pages * 16 * 512}B"}},
+        "registry": {"index_stride_blocks": 1},
+    })
+    return NodeEngine("n0", config, registry, clock=clock, start_background=False)  # type: ignore[arg-type]
+
+
+def _registered(registry: FlakyRegistry, node: NodeEngine, tokens: np.ndarray) -> tuple[int, int, int]:
+    """(blocks, on gpu, on cpu) of ``tokens``' chain that the registry credits to ``node``."""
+    config = make_config()
+    hasher = BlockHasher(config.hashing.algorithm, 16, b"", config.model.fingerprint())
+    holding = registry.inner.longest_prefix(hasher.hash_chain(tokens)).get(node.node_id)
+    return (0, 0, 0) if holding is None else (holding.num_blocks, holding.gpu_blocks, holding.cpu_blocks)
+
+
+def _assert_registry_matches_lookups(registry: FlakyRegistry, node: NodeEngine, prompts: list[np.ndarray]) -> None:
+    for tokens in prompts:
+        held = node.lookup(tokens)
+        if held.lease_id is not None:
+            node.release(held.lease_id)
+        tiers = held.blocks_per_tier
+        assert _registered(registry, node, tokens) == (
+            held.matched_tokens // 16, tiers.get("gpu", 0), tiers.get("cpu", 0)
+        ), tokens[0]
+
+
+def test_spilled_blocks_the_host_tier_discards_for_room_are_unregistered(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV
+) -> None:
+    # A full host tier makes room for each new spill by discarding its coldest pages: the
+    # registry must stop crediting the node with them (it used to until the entry TTL, 1 h).
+    node = _small_host_tier_node(registry, clock, pages=8)
+    try:
+        prompts = [np.arange(160) + 20000 + 200 * i for i in range(12)]  # 10 blocks each
+        for tokens in prompts:
+            store_all(node, kv_model, tokens)
+        node.drain_spills()
+        node._maintain()
+        assert node.stats().dropped_spills > 0
+        _assert_registry_matches_lookups(registry, node, prompts)
+        node.check_invariants()
+    finally:
+        node.shutdown()
+
+
+def test_a_block_stored_again_before_its_spill_is_written_stays_registered_on_the_device(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The spill writer runs after the call that evicted: if the prefix is stored again
+    # before the writer gets to it, its late moved (or, failing, removed) event must not
+    # overwrite the stored event the second store published.
+    node = _small_host_tier_node(registry, clock, pages=64)
+    try:
+        assert node._spill is not None
+        real_spill_many = node._spill.spill_many
+        go, failing = threading.Event(), [False]
+
+        def held_back(*args: Any) -> Any:
+            assert go.wait(10)
+            if failing[0]:
+                raise TierIOError("injected: the host tier failed")
+            return real_spill_many(*args)
+
+        monkeypatch.setattr(node._spill, "spill_many", held_back)
+        for attempt, fail in enumerate([False, True]):
+            go.clear()
+            failing[0] = fail
+            first = np.arange(160) + 10000 + 3000 * attempt  # 10 blocks, the oldest in the pool
+            store_all(node, kv_model, first)
+            for i in range(6):  # the 7th store evicts first's last 6 (the spill is held back)
+                store_all(node, kv_model, np.arange(160) + 11000 + 3000 * attempt + 200 * i)
+            store_all(node, kv_model, first)  # first back on the device, in full
+            go.set()
+            node.drain_spills()
+            assert _registered(registry, node, first) == (10, 10, 0), f"spill failing: {fail}"
+        node.check_invariants()
+    finally:
+        node.shutdown()
+
+
+def test_a_spilled_page_found_corrupt_is_unregistered(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = _small_host_tier_node(registry, clock, pages=64)
+    try:
+        prompts = [np.arange(160) + 25000 + 200 * i for i in range(8)]
+        for tokens in prompts:
+            store_all(node, kv_model, tokens)
+        node.drain_spills()
+        first = prompts[0]
+        assert _registered(registry, node, first)[2] > 0  # on the host tier
+        spill = node._spill
+        assert spill is not None
+        real_get = spill.store.get
+
+        def corrupt_once(key: int, out: torch.Tensor | None = None) -> torch.Tensor:
+            # What the tiers do with a page that fails its checksum: drop it, then raise.
+            monkeypatch.setattr(spill.store, "get", real_get)
+            while spill.store.pins(key):  # dropped with its pins, as _drop_corrupt does
+                spill.store.unpin([key])
+            spill.store.discard(key)
+            raise PageCorrupt(f"injected: page {key} failed its checksum")
+
+        monkeypatch.setattr(spill.store, "get", corrupt_once)
+        _, kv = fetch_all(node, first)  # the K/V stops short at the corrupt page
+        assert kv.shape[2] < 160
+        node._maintain()
+        assert node.stats().dropped_spills >= 1
+        _assert_registry_matches_lookups(registry, node, prompts)
     finally:
         node.shutdown()
