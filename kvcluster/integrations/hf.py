@@ -1,6 +1,7 @@
 """Hugging Face transformers integration: K/V conversions and prefix-reusing generation.
 
-Needs the optional extra ``hf`` (``pip install 'kvcluster[hf]'``). transformers is imported
+Needs the optional extra ``hf`` (``pip install 'kvcluster[hf]'``: transformers 4.56 to 5.x,
+the releases whose caches have per-layer ``keys``/``values``). transformers is imported
 lazily, inside the functions that build its objects, so importing this module (or kvcluster)
 never needs it; a missing install raises :class:`~kvcluster.errors.MissingDependency`.
 
@@ -21,6 +22,7 @@ MLA caches a latent, so neither round-trips.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -248,6 +250,10 @@ def cache_from_kv(
     return cache
 
 
+#: The oldest transformers whose caches keep per-layer ``keys``/``values`` (see the docstring).
+MIN_TRANSFORMERS = (4, 56)
+
+
 def _transformers() -> Any:
     try:
         import transformers
@@ -255,7 +261,23 @@ def _transformers() -> Any:
         raise MissingDependency(
             "the transformers integration needs the 'hf' extra: pip install 'kvcluster[hf]'"
         ) from exc
+    check_transformers_version(transformers.__version__)
     return transformers
+
+
+def check_transformers_version(version: str) -> None:
+    """:class:`MissingDependency` unless ``version`` is at least :data:`MIN_TRANSFORMERS`
+    (older caches are tuples per layer, which this module cannot read or build)."""
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_TRANSFORMERS:
+        wanted = ".".join(map(str, MIN_TRANSFORMERS))
+        raise MissingDependency(
+            f"the transformers integration needs transformers >= {wanted}, found {version}: "
+            "pip install 'kvcluster[hf]'"
+        )
 
 
 # --- generation ----------------------------------------------------------------------------

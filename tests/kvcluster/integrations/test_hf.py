@@ -24,10 +24,12 @@ from kvcluster.errors import (
     InvalidArgument,
     InvalidKV,
     InvalidTokens,
+    MissingDependency,
     NodeUnavailable,
 )
 from kvcluster.integrations.hf import (
     cache_from_kv,
+    check_transformers_version,
     generate,
     kv_from_cache,
     model_spec_from_hf,
@@ -510,3 +512,18 @@ except MissingDependency as exc:
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert "pip install 'kvcluster[hf]'" in out.stdout
+
+
+@pytest.mark.parametrize("version", ["4.56.0", "4.57.6", "5.0.0rc1", "5.25.0", "4.60.0.dev0"])
+def test_supported_transformers_versions_pass_the_check(version: str) -> None:
+    check_transformers_version(version)
+
+
+@pytest.mark.parametrize("version", ["4.45.2", "4.55.4", "3.5.1"])
+def test_a_transformers_without_per_layer_caches_is_refused_by_name(version: str) -> None:
+    with pytest.raises(MissingDependency, match=f"transformers >= 4.56, found {re.escape(version)}"):
+        check_transformers_version(version)
+
+
+def test_the_installed_transformers_passes_the_check() -> None:
+    check_transformers_version(transformers.__version__)
