@@ -158,6 +158,8 @@ class NodeEngine:
         self._pending_spills: list[_PendingSpills] = []
         # (key, token bytes, block id) of evicted blocks whose pages are not copied out yet
         self._evicted_pages: list[tuple[BlockKey, bytes, int]] = []
+        # chain hash -> evictions of it whose spill outcome the writer has not published yet
+        self._spilling: dict[bytes, int] = {}
         # One thread, so spills are written in eviction order and drain_spills() is a barrier.
         self._spill_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spill-{node_id}")
         self._counters = {"hits": 0, "misses": 0, "hit_tokens": 0, "lookup_tokens": 0,
@@ -381,6 +383,7 @@ class NodeEngine:
             return  # a partial block: never registered, nothing to keep
         if self._spill is not None and evicted.end - evicted.start == self._block_size:
             self._evicted_pages.append((key, evicted.token_bytes, evicted.block_id))
+            self._spilling[key.block_hash] = self._spilling.get(key.block_hash, 0) + 1
             return
         self._publisher.add(key.event(None))
 
@@ -428,8 +431,10 @@ class NodeEngine:
 
         A block stored again since its eviction is on the device now, and its stored event
         went out then: its late spill outcome is not published (a moved event would demote
-        its registry entry to a lower tier, a removed one would unregister a block held). The
-        check and the events are made under ``_lock``, in order with every stored event.
+        its registry entry to a lower tier, a removed one would unregister a block held); nor
+        is that of a block evicted again since, whose later spill publishes the outcome that
+        stands (a removed event first would make that moved one a no-op). The check and the
+        events are made under ``_lock``, in order with every stored event.
         """
         assert self._spill is not None
         try:
@@ -444,9 +449,14 @@ class NodeEngine:
                                      self.node_id, len(requests))
                     tiers = [None] * len(requests)
                 with self._lock:
-                    holds = self._block_keys.holds
-                    outcomes = [(key, tier) for key, tier in zip(batch.keys, tiers, strict=True)
-                                if not holds(key.block_hash)]
+                    holds, spilling = self._block_keys.holds, self._spilling
+                    outcomes: list[tuple[BlockKey, str | None]] = []
+                    for key, tier in zip(batch.keys, tiers, strict=True):
+                        left = spilling.pop(key.block_hash) - 1
+                        if left:  # evicted again since: that later spill's outcome is the one
+                            spilling[key.block_hash] = left
+                        elif not holds(key.block_hash):
+                            outcomes.append((key, tier))
                     for event in coalesced_events([key for key, _ in outcomes], [tier for _, tier in outcomes]):
                         self._publisher.add(event)
         finally:
@@ -455,14 +465,19 @@ class NodeEngine:
     def _unregister_dropped_spills(self) -> None:
         """Under ``_lock``: removed events for the spilled blocks the tiers lost, unless the
         block is held again (back on the device, or spilled anew). One still on its way to
-        the spill tiers gets its moved event from the writer after this one."""
+        the spill tiers is decided after the writer publishes its outcome (a removed event
+        before that moved one would unregister it for good: a moved event only updates)."""
         assert self._spill is not None
         holds, location = self._block_keys.holds, self._spill.location
         lost: list[BlockKey] = []
+        deferred: list[SpilledBlock] = []
         while self._dropped_spills:
             record = self._dropped_spills.popleft()
-            if not holds(record.block_hash) and location(tier_key(record.block_hash)) is None:
+            if record.block_hash in self._spilling:
+                deferred.append(record)
+            elif not holds(record.block_hash) and location(tier_key(record.block_hash)) is None:
                 lost.append(BlockKey(record.block_hash, record.family, record.position, record.namespace))
+        self._dropped_spills.extend(deferred)
         lost.sort(key=lambda key: (key.namespace, key.family, key.position))
         for event in coalesced_events(lost, [None] * len(lost)):
             self._publisher.add(event)

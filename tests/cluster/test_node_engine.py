@@ -648,3 +648,100 @@ def test_a_spilled_page_found_corrupt_is_unregistered(
         _assert_registry_matches_lookups(registry, node, prompts)
     finally:
         node.shutdown()
+
+
+def _chain(tokens: np.ndarray) -> list[bytes]:
+    config = make_config()
+    return BlockHasher(config.hashing.algorithm, 16, b"", config.model.fingerprint()).hash_chain(tokens).tolist()
+
+
+def _on_device_and_spilled(node: NodeEngine, kv_model: SyntheticKV, first: np.ndarray,
+                           monkeypatch: pytest.MonkeyPatch, base: int) -> None:
+    """Leave ``first``'s last 6 blocks both on the device and in the host tier: evicted with
+    the spill writer held back, stored again, then written (the spill of a block held again)."""
+    assert node._spill is not None
+    real_spill_many = node._spill.spill_many
+    go = threading.Event()
+
+    def held_back(*args: Any) -> Any:
+        assert go.wait(10)
+        return real_spill_many(*args)
+
+    monkeypatch.setattr(node._spill, "spill_many", held_back)
+    store_all(node, kv_model, first)
+    for i in range(6):  # the 7th store evicts first's last 6
+        store_all(node, kv_model, np.arange(160) + base + 200 * i)
+    store_all(node, kv_model, first)
+    go.set()
+    node.drain_spills()
+    monkeypatch.setattr(node._spill, "spill_many", real_spill_many)
+
+
+def test_a_dropped_spill_of_a_block_on_its_way_to_the_tiers_again_stays_registered(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A block's old spilled copy is discarded for room while the block is on the device; the
+    # call that evicts the block again unregisters the drop. The new spill's moved event comes
+    # after that removal, and a moved event does not bring a removed entry back: the block, in
+    # the host tier again, must stay registered.
+    node = _small_host_tier_node(registry, clock, pages=56)
+    try:
+        assert node._spill is not None
+        first = np.arange(160) + 2000
+        _on_device_and_spilled(node, kv_model, first, monkeypatch, base=3000)
+        for i in range(5):  # 50 blocks more to spill: the last ones discard the coldest, first's
+            store_all(node, kv_model, np.arange(160) + 5000 + 200 * i)
+            node.drain_spills()
+        tail = _chain(first)[4:]
+        assert _registered(registry, node, first) == (10, 10, 0)
+        assert all(node._block_keys.holds(key) for key in tail)
+        assert {record.block_hash for record in node._dropped_spills} >= set(tail)
+        store_all(node, kv_model, np.arange(160) + 7500)  # evicts first's last 6, spilled anew
+        node.drain_spills()
+        node._maintain()
+        held = node.lookup(first)
+        assert held.lease_id is not None and node.release(held.lease_id)
+        assert held.blocks_per_tier == {"gpu": 4, "cpu": 6}
+        _assert_registry_matches_lookups(registry, node, [first])
+    finally:
+        node.shutdown()
+
+
+def test_a_failed_spill_of_a_block_evicted_again_since_does_not_unregister_it(
+    registry: FlakyRegistry, clock: FakeClock, kv_model: SyntheticKV, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Evicted, stored again and evicted again before the writer gets to the first eviction:
+    # the first spill's outcome is stale. A failed first spill must not unregister the block
+    # that the second spill keeps (its moved event cannot bring the entry back).
+    node = _small_host_tier_node(registry, clock, pages=64)
+    try:
+        assert node._spill is not None
+        real_spill_many = node._spill.spill_many
+        go, calls = threading.Event(), [0]
+
+        def first_fails(*args: Any) -> Any:
+            assert go.wait(10)
+            calls[0] += 1
+            if calls[0] == 1:
+                raise TierIOError("injected: the host tier failed")
+            return real_spill_many(*args)
+
+        monkeypatch.setattr(node._spill, "spill_many", first_fails)
+        first = np.arange(160) + 8000
+        store_all(node, kv_model, first)
+        for i in range(6):  # the 7th store evicts first's last 6 (the spill is held back)
+            store_all(node, kv_model, np.arange(160) + 9000 + 200 * i)
+        store_all(node, kv_model, first)  # back on the device
+        for i in range(6):  # and evicted again: first is the coldest now
+            store_all(node, kv_model, np.arange(160) + 16000 + 200 * i)
+        assert not any(node._block_keys.holds(key) for key in _chain(first)[4:])
+        go.set()
+        node.drain_spills()
+        node._maintain()
+        held = node.lookup(first)
+        assert held.blocks_per_tier.get("cpu", 0) > 0
+        if held.lease_id is not None:
+            node.release(held.lease_id)
+        _assert_registry_matches_lookups(registry, node, [first])
+    finally:
+        node.shutdown()
